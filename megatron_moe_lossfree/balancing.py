@@ -1,0 +1,316 @@
+"""Balancing maths: bias update rules, rate schedules, and balance losses.
+
+Pure torch: no Megatron import, no communication (the caller all-reduces the counts first).
+Definitions: REFERENCE.md sections 1, 3, 4 and 5.
+
+Shape suffixes: T tokens, E experts, K top-k, L layers, D devices, G groups,
+B sequences, S sequence length. ``bias_E`` / ``bias_LE`` are biases, ``counts_LE`` loads.
+
+Papers: LFB = arXiv 2408.15664, V2 = arXiv 2405.04434, V3 = arXiv 2412.19437.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.routing import lookup_choice
+
+# --------------------------------------------------------------------------------------------------
+# Bias update rules: (bias, error e = mean(c) - c, mean(c), rate) -> new bias; all float64.
+# --------------------------------------------------------------------------------------------------
+
+
+def rule_sign(bias: torch.Tensor, error: torch.Tensor, mean: torch.Tensor, rate: float):
+    """LFB Alg. 1 / V3 section 2.1.2: b[i] += u * sign(mean(c) - c[i]).
+
+    Same as Megatron-Core's ``get_updated_expert_bias`` (sign rule, not centred).
+    torchtitan additionally subtracts the mean of the update: that is ``sign_centered``.
+    """
+    return bias + rate * torch.sign(error)
+
+
+def rule_proportional(bias: torch.Tensor, error: torch.Tensor, mean: torch.Tensor, rate: float):
+    """LFB Table 3 ("u * e_i"): b[i] += u * (mean(c) - c[i]) / mean(c).
+
+    Normalisation (ours; the paper does not state one): e is divided by the mean load, so u is a
+    fraction of the balanced load and does not depend on the batch size. A layer with mean load 0
+    (no tokens) is left unchanged. Neither Megatron-Core (sign, not centred) nor torchtitan
+    (sign, centred) offers this rule.
+    """
+    scaled = torch.where(mean > 0, error / mean.clamp_min(1e-300), torch.zeros_like(error))
+    return bias + rate * scaled
+
+
+def rule_sign_centered(bias: torch.Tensor, error: torch.Tensor, mean: torch.Tensor, rate: float):
+    """torchtitan's rule: d = u * sign(e); b += d - mean(d), so mean(b) stays where it started.
+
+    Not in the paper (departs from LFB Alg. 1 by the centring). Megatron-Core does not centre.
+    """
+    delta = rate * torch.sign(error)
+    return bias + delta - delta.mean(dim=-1, keepdim=True)
+
+
+def rule_multiplicative(bias: torch.Tensor, error: torch.Tensor, mean: torch.Tensor, rate: float):
+    """LFB Table 4 (multiplicative bias): b[i] *= 1 + u * sign(e[i]); b starts at 1, and the
+    router selects on s * b (routing bias_kind 'multiplicative'). Neither Megatron-Core nor
+    torchtitan offers it (both add a sign step, torchtitan centred)."""
+    return bias * (1.0 + rate * torch.sign(error))
+
+
+UPDATE_RULES: dict[str, Callable] = {
+    "sign": rule_sign,
+    "proportional": rule_proportional,
+    "sign_centered": rule_sign_centered,
+    "multiplicative": rule_multiplicative,
+}
+
+
+def update_bias(
+    bias: torch.Tensor, counts: torch.Tensor, *, rule: str, rate: float
+) -> torch.Tensor:
+    """Return a NEW bias after one step's loads (LFB Alg. 1); never modifies ``bias``.
+
+    bias: [E] or [L, E] floating (fp32); counts: integral, same shape, counted over the whole
+    global batch BEFORE dropping. The error e = mean(c) - c is taken along the last dim (per layer)
+    and the rule is evaluated in float64, then cast back to the bias dtype once: integral counts
+    and float64 keep the sign exact (REFERENCE section 9, Megatron-Core's bf16 count trap).
+    """
+    rule_fn = lookup_choice(UPDATE_RULES, rule, "rule")
+    check_rate(rate, "rate")
+    if (
+        not isinstance(bias, torch.Tensor)
+        or not bias.is_floating_point()
+        or bias.dim() not in (1, 2)
+    ):
+        raise LossFreeConfigError(
+            f"bias ({_describe(bias)}) must be a floating tensor of shape [E] or [L, E]: "
+            f"keep the expert bias as an fp32 buffer"
+        )
+    if (
+        not isinstance(counts, torch.Tensor)
+        or counts.is_floating_point()
+        or counts.is_complex()
+        or counts.dtype == torch.bool
+    ):
+        raise LossFreeConfigError(
+            f"counts ({_describe(counts)}) must be an integral tensor: count tokens in int64 "
+            f"(all-reduce in int64 or float64, then cast back with .long())"
+        )
+    if counts.shape != bias.shape:
+        raise LossFreeConfigError(
+            f"counts shape {tuple(counts.shape)} must equal bias shape {tuple(bias.shape)}: "
+            f"pass one count per expert (per layer)"
+        )
+    with torch.no_grad():
+        counts_f64 = counts.to(device=bias.device, dtype=torch.float64)
+        mean = counts_f64.mean(dim=-1, keepdim=True)
+        error = mean - counts_f64
+        new_bias = rule_fn(bias.detach().to(torch.float64), error, mean, float(rate))
+        return new_bias.to(bias.dtype)
+
+
+def check_rate(rate: float, field: str) -> None:
+    """A rate must be a finite number >= 0 (0 freezes the bias)."""
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not math.isfinite(rate)
+        or rate < 0
+    ):
+        raise LossFreeConfigError(
+            f"{field} ({rate!r}) must be a finite number >= 0: the paper uses 0.001 (0 freezes "
+            f"the bias)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Rate schedules: (rate, freeze_after_tokens, tokens_seen) -> rate for this step
+# --------------------------------------------------------------------------------------------------
+
+
+def schedule_constant(rate: float, freeze_after_tokens: int | None, tokens_seen: int) -> float:
+    """LFB: one rate u for the whole run (u = 1e-3 in the paper)."""
+    return rate
+
+
+def schedule_v3(rate: float, freeze_after_tokens: int | None, tokens_seen: int) -> float:
+    """V3 section 4.2: u = 0.001 for the first 14.3T tokens, then 0 for the last 500B.
+    The rate is u while tokens_seen < freeze_after_tokens, and exactly 0 from then on."""
+    return rate if tokens_seen < freeze_after_tokens else 0.0
+
+
+RATE_SCHEDULES: dict[str, Callable[[float, int | None, int], float]] = {
+    "constant": schedule_constant,
+    "v3": schedule_v3,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RateSchedule:
+    """The bias update rate as a function of the tokens seen so far (validated on creation)."""
+
+    name: str
+    """Key of RATE_SCHEDULES: 'constant' (LFB) or 'v3' (V3 section 4.2 freeze)."""
+    rate: float
+    """u, the update rate (LFB / V3: 0.001)."""
+    freeze_after_tokens: int | None = None
+    """'v3' only: tokens after which u becomes 0 (V3: 14.3e12)."""
+
+    def __post_init__(self) -> None:
+        lookup_choice(RATE_SCHEDULES, self.name, "name")
+        check_rate(self.rate, "rate")
+        tokens = self.freeze_after_tokens
+        if self.name == "v3" and (tokens is None or isinstance(tokens, bool) or tokens <= 0):
+            raise LossFreeConfigError(
+                f"freeze_after_tokens ({tokens!r}) must be a positive token count with schedule "
+                f"'v3': set it (V3 froze the bias after 14.3T tokens)"
+            )
+        if self.name != "v3" and tokens is not None:
+            raise LossFreeConfigError(
+                f"freeze_after_tokens ({tokens!r}) is only used by schedule 'v3': "
+                f"drop it or choose name 'v3'"
+            )
+
+    def rate_at(self, tokens_seen: int) -> float:
+        """Rate for the update after ``tokens_seen`` tokens have been trained on."""
+        return float(RATE_SCHEDULES[self.name](self.rate, self.freeze_after_tokens, tokens_seen))
+
+
+def make_rate_schedule(
+    name: str, rate: float, freeze_after_tokens: int | None = None
+) -> RateSchedule:
+    """Build a validated RateSchedule (raises LossFreeConfigError with the fix)."""
+    return RateSchedule(name=name, rate=rate, freeze_after_tokens=freeze_after_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Balance losses. f terms are counts (no gradient); P terms are means of scores (gradient).
+# Tokens of B sequences are laid out sequence-major: t = b * S + s. Megatron-Core flattens
+# [S, B] hidden states as t = s * B + b: reorder with view(S, B, E).transpose(0, 1) first.
+# --------------------------------------------------------------------------------------------------
+
+
+def unbiased_topk(scores_TE: torch.Tensor, topk: int) -> torch.Tensor:
+    """experts_TK (int64) of the top-K of the UNBIASED scores: V3 eq. 18 counts f on these."""
+    with torch.no_grad():
+        return torch.topk(scores_TE.detach(), k=topk, dim=-1).indices.long()
+
+
+def aux_loss(
+    scores_TE: torch.Tensor, experts_TK: torch.Tensor, *, alpha: float, num_sequences: int = 1
+) -> torch.Tensor:
+    """LFB eq. 2 / V2 eqs. 12-14 (L_ExpBal): alpha * sum_i f_i P_i with
+    f_i = E / (K*S) * #(tokens choosing i), P_i = mean_t s[t, i].
+
+    Computed per sequence (S = T / B tokens) and averaged over the B sequences.
+    """
+    f_BE, p_BE = _expert_terms(scores_TE, experts_TK, num_sequences, "aux_loss")
+    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def sequence_aux_loss(
+    scores_TE: torch.Tensor, experts_TK: torch.Tensor, *, alpha: float, num_sequences: int
+) -> torch.Tensor:
+    """V3 eqs. 17-20: alpha * sum_i f_i P_i per sequence, averaged over sequences, with
+    s'[t, i] = s[t, i] / sum_j s[t, j] (eq. 19) and f counted on the UNBIASED top-K (eq. 18;
+    pass ``unbiased_topk(scores_TE, K)``). The 1e-20 in the denominator is ours (as in
+    Megatron-Core), so an all-zero row gives 0 instead of NaN."""
+    norm_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    f_BE, p_BE = _expert_terms(norm_TE, experts_TK, num_sequences, "sequence_aux_loss")
+    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def device_balance_loss(
+    scores_TE: torch.Tensor,
+    experts_TK: torch.Tensor,
+    *,
+    alpha: float,
+    num_devices: int,
+    num_sequences: int = 1,
+) -> torch.Tensor:
+    """V2 eqs. 15-17 (L_DevBal): alpha * sum_d f'_d P'_d, f'_d = mean of f_i over device d's
+    experts, P'_d = sum of P_i over them; device d holds experts [d*E/D, (d+1)*E/D)."""
+    f_BE, p_BE = _expert_terms(scores_TE, experts_TK, num_sequences, "device_balance_loss")
+    num_experts = f_BE.shape[-1]
+    _check_devices(num_experts, num_devices)
+    f_BD = f_BE.view(f_BE.shape[0], num_devices, -1).mean(dim=-1)
+    p_BD = p_BE.view(p_BE.shape[0], num_devices, -1).sum(dim=-1)
+    return alpha * (f_BD * p_BD).sum(dim=-1).mean()
+
+
+def comm_balance_loss(
+    scores_TE: torch.Tensor,
+    experts_TK: torch.Tensor,
+    *,
+    alpha: float,
+    num_devices: int,
+    max_devices: int,
+    num_sequences: int = 1,
+) -> torch.Tensor:
+    """V2 eqs. 18-20 (L_CommBal): alpha * sum_d f''_d P''_d, f''_d = D / (M*S) * #(tokens sent
+    to device d) (a token counts once per device, however many of its experts live there),
+    P''_d = sum of P_i over device d's experts."""
+    _, p_BE = _expert_terms(scores_TE, experts_TK, num_sequences, "comm_balance_loss")
+    num_sequences_, num_experts = p_BE.shape
+    _check_devices(num_experts, num_devices)
+    if not 1 <= max_devices <= num_devices:
+        raise LossFreeConfigError(
+            f"max_devices ({max_devices}) must be between 1 and num_devices ({num_devices}): "
+            f"use the M of device-limited routing"
+        )
+    seq_len = scores_TE.shape[0] // num_sequences
+    with torch.no_grad():
+        device_TK = experts_TK.long() // (num_experts // num_devices)
+        sent_TD = torch.zeros(
+            scores_TE.shape[0], num_devices, dtype=torch.bool, device=experts_TK.device
+        ).scatter_(1, device_TK, True)
+        sent_BD = sent_TD.view(num_sequences, seq_len, num_devices).sum(dim=1).to(p_BE.dtype)
+        f_BD = sent_BD * (num_devices / (max_devices * seq_len))
+    p_BD = p_BE.view(num_sequences_, num_devices, -1).sum(dim=-1)
+    return alpha * (f_BD * p_BD).sum(dim=-1).mean()
+
+
+def _expert_terms(
+    scores_TE: torch.Tensor, experts_TK: torch.Tensor, num_sequences: int, caller: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: f_BE = E/(K*S) * counts (no grad), P_BE = mean over the S tokens (grad)."""
+    if scores_TE.dim() != 2 or experts_TK.dim() != 2 or experts_TK.shape[0] != scores_TE.shape[0]:
+        raise LossFreeConfigError(
+            f"{caller}: scores_TE {tuple(scores_TE.shape)} and experts_TK "
+            f"{tuple(experts_TK.shape)} must be [T, E] and [T, K] with the same T"
+        )
+    num_tokens, num_experts = scores_TE.shape
+    topk = experts_TK.shape[1]
+    if num_sequences < 1 or num_tokens % num_sequences != 0:
+        raise LossFreeConfigError(
+            f"num_sequences ({num_sequences}) must divide the {num_tokens} tokens: "
+            f"pass the number of sequences in this batch"
+        )
+    seq_len = num_tokens // num_sequences
+    with torch.no_grad():
+        experts_BN = experts_TK.long().reshape(num_sequences, seq_len * topk)
+        counts_BE = torch.zeros(
+            num_sequences, num_experts, dtype=torch.float32, device=scores_TE.device
+        ).scatter_add_(1, experts_BN, torch.ones_like(experts_BN, dtype=torch.float32))
+        f_BE = counts_BE * (num_experts / (topk * seq_len))
+    p_BE = scores_TE.float().view(num_sequences, seq_len, num_experts).mean(dim=1)
+    return f_BE, p_BE
+
+
+def _check_devices(num_experts: int, num_devices: int) -> None:
+    if num_devices < 1 or num_experts % num_devices != 0:
+        raise LossFreeConfigError(
+            f"num_devices ({num_devices}) must divide num_experts ({num_experts}): "
+            f"choose a divisor of {num_experts}"
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype}, shape {tuple(value.shape)}"
+    return repr(value)

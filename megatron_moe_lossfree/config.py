@@ -1,0 +1,152 @@
+"""The plugin's typed configuration: one frozen dataclass, validated once, every violation reported.
+
+Megatron's own concepts keep Megatron's names and live in Megatron's TransformerConfig
+(``num_moe_experts``, ``moe_router_topk``, ``moe_router_score_function`` ...). This config holds only what
+the plugin adds; on the command line each field is ``--lossfree-<field with dashes>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_moe_lossfree.errors import LossFreeConfigError
+
+Balancing = Literal["none", "bias"]
+UpdateRule = Literal["sign", "proportional", "sign_centered", "multiplicative"]
+RateScheduleName = Literal["constant", "v3"]
+BiasKind = Literal["additive", "multiplicative"]
+RouteLimit = Literal["none", "device", "node"]
+AuxLossScope = Literal["sequence", "micro_batch"]
+DropMode = Literal["none", "expert", "device"]
+DropPolicy = Literal["probs", "position"]
+
+CHOICES = {
+    "balancing": ("none", "bias"),
+    "update_rule": ("sign", "proportional", "sign_centered", "multiplicative"),
+    "rate_schedule": ("constant", "v3"),
+    "bias_kind": ("additive", "multiplicative"),
+    "route_limit": ("none", "device", "node"),
+    "aux_loss_scope": ("sequence", "micro_batch"),
+    "drop": ("none", "expert", "device"),
+    "drop_policy": ("probs", "position"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossFreeConfig:
+    """Aux-loss-free balancing, routing limits, balance losses, dropping and metrics."""
+
+    balancing: Balancing = "bias"
+    """"bias": per-expert routing bias updated after every step (LFB Alg. 1); "none": no bias."""
+    update_rule: UpdateRule = "sign"
+    """Bias update rule, a key of ``balancing.UPDATE_RULES`` (LFB section 3 / Tables 3-4). Default: sign."""
+    update_rate: float = 1e-3
+    """u, the bias update rate. LFB and V3 use 1e-3."""
+    rate_schedule: RateScheduleName = "constant"
+    """"constant": u every step; "v3": u until ``freeze_bias_after_tokens`` tokens, then 0 (V3 4.2)."""
+    freeze_bias_after_tokens: Optional[int] = None
+    """Tokens after which the v3 schedule freezes the bias (V3: 14.3T). Required by "v3"."""
+    bias_kind: BiasKind = "additive"
+    """"additive": select on s + b (b starts at 0); "multiplicative": select on s * b (b starts at 1)."""
+
+    route_limit: RouteLimit = "none"
+    """"device": V2 device-limited routing; "node": V3 node-limited routing (REFERENCE section 6)."""
+    route_groups: Optional[int] = None
+    """Number of groups (devices or nodes). Device rule default: the EP size."""
+    route_max_groups: Optional[int] = None
+    """M, groups a token may reach (V2: 3 devices, V3: 4 nodes)."""
+
+    aux_loss_coeff: float = 0.0
+    """alpha of the classic expert-level balance loss (LFB Eq. 2, V2 a1). 0 = off."""
+    aux_loss_scope: AuxLossScope = "sequence"
+    """Where f and P of the classic loss are counted: per sequence (LFB, V2) or per micro-batch."""
+    seq_aux_loss_coeff: float = 0.0
+    """alpha of the V3 complementary sequence-wise loss (V3 Eqs. 17-20; V3 uses 1e-4). 0 = off."""
+    device_loss_coeff: float = 0.0
+    """a2 of the V2 device-level balance loss (V2: 0.05). 0 = off."""
+    comm_loss_coeff: float = 0.0
+    """a3 of the V2 communication balance loss (V2: 0.02). 0 = off."""
+
+    drop: DropMode = "none"
+    """Token dropping: "none" (drop-free), "expert" capacity, or V2 "device" capacity (REFERENCE 7)."""
+    capacity_factor: Optional[float] = None
+    """cf of the expert- or device-level capacity. Required when ``drop`` is not "none" (V2: 1.0)."""
+    drop_policy: DropPolicy = "probs"
+    """Expert-level drop policy: keep the highest gates ("probs") or the earliest tokens ("position")."""
+    exempt_fraction: float = 0.1
+    """Fraction of training sequences never dropped (V2: ~10%)."""
+    pad_to_capacity: bool = False
+    """Pad every expert's input to its capacity (static shapes). Needs ``capacity_factor``."""
+
+    seed: int = 1234
+    """Seed of the exempt-sequence choice."""
+    check_consistency: int = 0
+    """Every N steps, all-gather a checksum of every layer's bias and fail if ranks disagree. 0 = off."""
+    bias_warn_bound: float = 1.0
+    """Warn once per layer when a bias magnitude exceeds this bound."""
+    dump_loads: bool = False
+    """Write per-expert loads of every layer to the metrics file each logged step."""
+
+    def replace(self, **changes) -> "LossFreeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "LossFreeConfig":
+        """Raise one LossFreeConfigError listing every violation; return self when valid."""
+        problems = list(_violations(self))
+        if problems:
+            raise LossFreeConfigError("; ".join(problems))
+        return self
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--lossfree-" + field_name.replace("_", "-")
+
+
+def _violations(cfg: LossFreeConfig):
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices:
+            yield f"{flag(name)} ({value!r}) is not a valid choice: use one of {', '.join(choices)}"
+    if cfg.balancing == "bias":
+        if not math.isfinite(cfg.update_rate) or cfg.update_rate <= 0:
+            yield (f"{flag('update_rate')} ({cfg.update_rate}) must be > 0 with bias balancing: "
+                   f"use e.g. 1e-3 (the paper's value), or --lossfree-balancing none")
+        if cfg.rate_schedule == "v3" and not (cfg.freeze_bias_after_tokens or 0) > 0:
+            yield (f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be a positive "
+                   f"token count with {flag('rate_schedule')} v3")
+        if (cfg.update_rule == "multiplicative") != (cfg.bias_kind == "multiplicative"):
+            yield (f"{flag('update_rule')} ({cfg.update_rule}) and {flag('bias_kind')} ({cfg.bias_kind}) "
+                   f"disagree: the multiplicative rule goes with the multiplicative bias kind (LFB Table 4); "
+                   f"set both to multiplicative or neither")
+    if cfg.freeze_bias_after_tokens is not None and cfg.freeze_bias_after_tokens < 0:
+        yield f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be >= 0"
+    for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "device_loss_coeff", "comm_loss_coeff"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            yield f"{flag(name)} ({value}) must be a finite number >= 0 (0 turns the loss off)"
+    if cfg.route_groups is not None and cfg.route_groups < 1:
+        yield f"{flag('route_groups')} ({cfg.route_groups}) must be >= 1"
+    if cfg.route_max_groups is not None and cfg.route_max_groups < 1:
+        yield f"{flag('route_max_groups')} ({cfg.route_max_groups}) must be >= 1"
+    if cfg.route_limit != "none" and cfg.route_max_groups is None:
+        yield (f"{flag('route_max_groups')} is required with {flag('route_limit')} {cfg.route_limit}: "
+               f"give M, e.g. 3 (V2) or 4 (V3)")
+    if cfg.route_limit == "node" and cfg.route_groups is None:
+        yield f"{flag('route_groups')} is required with {flag('route_limit')} node: give the node count"
+    if cfg.capacity_factor is not None and (not math.isfinite(cfg.capacity_factor) or cfg.capacity_factor <= 0):
+        yield f"{flag('capacity_factor')} ({cfg.capacity_factor}) must be > 0, e.g. 1.0 (V2) or 1.25"
+    if cfg.drop != "none" and cfg.capacity_factor is None:
+        yield f"{flag('capacity_factor')} is required with {flag('drop')} {cfg.drop}: give e.g. 1.0"
+    if cfg.pad_to_capacity and cfg.drop == "none":
+        yield (f"{flag('pad_to_capacity')} needs a capacity: set {flag('drop')} expert or device "
+               f"and {flag('capacity_factor')}")
+    if not 0.0 <= cfg.exempt_fraction <= 1.0:
+        yield f"{flag('exempt_fraction')} ({cfg.exempt_fraction}) must lie in [0, 1], e.g. 0.1 (V2)"
+    if cfg.check_consistency < 0:
+        yield f"{flag('check_consistency')} ({cfg.check_consistency}) must be >= 0 (0 = off)"
+    if not cfg.bias_warn_bound > 0:
+        yield f"{flag('bias_warn_bound')} ({cfg.bias_warn_bound}) must be > 0"

@@ -1,0 +1,111 @@
+"""BiasBalancer: the one owner of the bias update, installed as ``config.finalize_model_grads_func``.
+
+Once per optimizer step (Megatron calls finalize_model_grads after the last micro-batch's backward):
+1. Megatron's own finalize runs (DP grad sync, SP/embedding all-reduces).
+2. Every LossFreeRouter's pre-drop int64 counts, all layers of all local model chunks, are concatenated
+   and all-reduced in ONE collective over the ranks that routed distinct tokens: TP x DP x CP (under
+   sequence parallelism each TP rank routes its own slice; EP is carved out of DP, so the group already
+   holds every EP rank's tokens; reducing over EP too would count them twice).
+3. Each layer's bias moves by the rule and the scheduled rate (``balancing.update_bias``), counts reset.
+
+Layers may have different expert counts: the counts are concatenated, never stacked. Pipeline stages
+update their own layers; every MoE layer sees every token of the step, so all stages agree on the token
+count that drives the V3 freeze schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe_lossfree import balancing
+from megatron_moe_lossfree.config import LossFreeConfig
+from megatron_moe_lossfree.megatron.router import LossFreeRouter
+
+
+def find_routers(model_chunks) -> list[LossFreeRouter]:
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, LossFreeRouter)]
+
+
+def count_reduction_group(sequence_parallel: bool):
+    """The ranks that routed distinct tokens: TP x DP x CP under SP (or TP = 1), else DP x CP."""
+    from megatron.core import parallel_state as ps
+
+    if sequence_parallel or ps.get_tensor_model_parallel_world_size() == 1:
+        return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+class BiasBalancer:
+    """Owns the per-step bias update of every LossFreeRouter in ``model_chunks``."""
+
+    def __init__(self, model_chunks, lossfree: LossFreeConfig, *, group=None, topk: int,
+                 original_finalize: Optional[Callable] = None):
+        self.routers = find_routers(model_chunks)
+        self.lossfree = lossfree
+        self.group = group
+        self.topk = topk
+        self.original_finalize = original_finalize
+        self.schedule = balancing.make_rate_schedule(
+            lossfree.rate_schedule, lossfree.update_rate, lossfree.freeze_bias_after_tokens)
+        self.tokens_seen = 0
+        self.steps = 0
+        self.last_counts: list[torch.Tensor] = []
+
+    # Megatron calls config.finalize_model_grads_func(model, num_tokens, ...).
+    def __call__(self, *args, **kwargs):
+        result = self.original_finalize(*args, **kwargs) if self.original_finalize is not None else None
+        self.step()
+        return result
+
+    def reduce_counts(self) -> list[torch.Tensor]:
+        """All-reduce every layer's counts in one collective; returns the global per-layer counts."""
+        if not self.routers:
+            return []
+        local = torch.cat([r.local_tokens_per_expert for r in self.routers])
+        if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(local, group=self.group)
+        return list(local.split([r.local_tokens_per_expert.numel() for r in self.routers]))
+
+    def step(self) -> None:
+        counts = self.reduce_counts()
+        self.last_counts = counts
+        if counts:
+            # The rate of this update is the one in force for the tokens of this step (V3 4.2: u for
+            # the first N tokens); every MoE layer routes every token of the step exactly K times.
+            rate = self.schedule.rate_at(self.tokens_seen)
+            self.tokens_seen += int(counts[0].sum()) // self.topk
+            with torch.no_grad():
+                for router, counts_E in zip(self.routers, counts):
+                    router.check_finite(counts_E.double(), "token counts")
+                    if router.expert_bias is not None and self.lossfree.balancing == "bias":
+                        router.expert_bias.copy_(balancing.update_bias(
+                            router.expert_bias, counts_E, rule=self.lossfree.update_rule, rate=rate))
+                    router.local_tokens_per_expert.zero_()
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+        self.steps = int(state["steps"])
+
+
+def install_bias_balancer(config, model_chunks, lossfree: LossFreeConfig) -> BiasBalancer:
+    """Wrap ``config.finalize_model_grads_func`` (Megatron's if unset) with the plugin's bias update."""
+    from megatron.core.distributed import finalize_model_grads
+
+    if config.moe_router_enable_expert_bias and lossfree.balancing == "bias":
+        raise ValueError("moe_router_enable_expert_bias (Megatron's update) and lossfree balancing 'bias' "
+                         "would both update the bias: turn Megatron's off")
+    original = config.finalize_model_grads_func or finalize_model_grads
+    if isinstance(original, BiasBalancer):
+        original = original.original_finalize
+    balancer = BiasBalancer(model_chunks, lossfree, group=count_reduction_group(config.sequence_parallel),
+                            topk=config.moe_router_topk, original_finalize=original)
+    config.finalize_model_grads_func = balancer
+    return balancer

@@ -1,0 +1,120 @@
+"""Every adapter that differs between megatron-core releases (0.16.1 .. 0.19.x) lives here.
+
+| concern                        | 0.16                                   | 0.19                                     |
+|--------------------------------|----------------------------------------|------------------------------------------|
+| MoE spec in a layer spec       | ``ModuleSpec(MoELayer, MoESubmodules)`` | ``functools.partial(MoELayer, submodules=...)`` |
+| ``moe/ops/paged_stash.py``     | absent                                 | imports ``triton`` unconditionally       |
+| ``moe_utils.te_general_gemm``  | undefined without TE (NameError)       | defined (None without TE)                |
+
+Other modules call these helpers instead of branching on the version themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import sys
+import types
+from typing import Any, Optional
+
+from packaging.version import Version
+
+_PAGED_STASH = "megatron.core.transformer.moe.ops.paged_stash"
+
+
+def megatron_core_version() -> Version:
+    """The installed megatron-core version (without importing megatron.core itself)."""
+    from importlib.metadata import version
+
+    return Version(version("megatron-core"))
+
+
+def install_import_placeholders() -> None:
+    """0.19's ``paged_stash`` imports triton at module import; give it a placeholder when triton is
+    absent (CPU installs), so ``megatron.core.transformer.moe`` imports. Harmless on 0.16."""
+    if importlib.util.find_spec("triton") is not None or _PAGED_STASH in sys.modules:
+        return
+    placeholder = types.ModuleType(_PAGED_STASH)
+    placeholder.__doc__ = "megatron_moe_lossfree placeholder: triton is not installed (CPU)."
+    placeholder.GLOBAL_BLOCK_SIZE = 1024
+    placeholder.paged_stash_copy_kernel = None
+    placeholder.paged_stash_pop_kernel = None
+    sys.modules[_PAGED_STASH] = placeholder
+
+
+def define_missing_te_names() -> None:
+    """0.16.1 references ``te_general_gemm`` in moe_utils even without Transformer Engine."""
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+class _PluginMlpWarningFilter:
+    """0.16's TransformerLayer passes ``pg_collection`` only to the exact MoELayer class and logs
+    "Unknown MLP type" for subclasses; our subclass then takes Megatron's default process groups
+    (parallel_state), which is what Megatron-Core itself builds. The message is expected: drop it."""
+
+    def filter(self, record) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+def quiet_subclass_warning() -> None:
+    import logging
+
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _PluginMlpWarningFilter) for f in logger.filters):
+        logger.addFilter(_PluginMlpWarningFilter())
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """Megatron's model-parallel RNG seeding; on CPU the inference tracker (no CUDA RNG state)."""
+    import torch
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
+
+
+def _moe_parts(mlp_spec: Any) -> Optional[tuple[type, Any]]:
+    """(layer class, MoESubmodules) of a MoE mlp spec in either release's form, else None."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.module, type):
+        if issubclass(mlp_spec.module, MoELayer):
+            return mlp_spec.module, mlp_spec.submodules
+    if isinstance(mlp_spec, functools.partial) and isinstance(mlp_spec.func, type):
+        if issubclass(mlp_spec.func, MoELayer):
+            return mlp_spec.func, mlp_spec.keywords.get("submodules")
+    return None
+
+
+def replace_moe_spec(mlp_spec: Any, *, router: Optional[type] = None, layer: Optional[type] = None) -> Any:
+    """Return ``mlp_spec`` with the router slot and/or the MoE layer class replaced.
+
+    Non-MoE specs (dense layers) come back unchanged. Works on 0.16 ModuleSpec and 0.19 partial alike.
+    """
+    parts = _moe_parts(mlp_spec)
+    if parts is None:
+        return mlp_spec
+    layer_cls, submodules = parts
+    if router is not None:
+        submodules = dataclasses.replace(submodules, router=router)
+    layer_cls = layer or layer_cls
+    if isinstance(mlp_spec, functools.partial):
+        return functools.partial(layer_cls, *mlp_spec.args, **dict(mlp_spec.keywords, submodules=submodules))
+    return dataclasses.replace(mlp_spec, module=layer_cls, submodules=submodules)
+
+
+def replace_moe_in_layer_spec(layer_spec: Any, **replacements: Any) -> Any:
+    """Apply ``replace_moe_spec`` to the mlp slot of a TransformerLayer spec."""
+    submodules = layer_spec.submodules
+    new_mlp = replace_moe_spec(submodules.mlp, **replacements)
+    if new_mlp is submodules.mlp:
+        return layer_spec
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=new_mlp))
+
+
+def is_moe_layer_spec(layer_spec: Any) -> bool:
+    return _moe_parts(layer_spec.submodules.mlp) is not None

@@ -1,0 +1,113 @@
+"""LossFreeRouter: Megatron-Core's TopKRouter with aux-loss-free (biased) top-k selection.
+
+Shape suffixes: T tokens, E experts, K top-k.
+
+Forward, in phases:
+1. logits_TE = gate(hidden) (Megatron's fp32 router GEMM), checked finite; Megatron's z-loss if configured.
+2. scores_TE = score_function(logits_TE)                       (sigmoid / softmax / sqrtsoftplus)
+3. gates_TK, experts_TK = select_experts(scores_TE, expert_bias_E, K)  (LFB Alg. 1: bias for selection only)
+4. counts_E += bincount(experts_TK)  -- BEFORE any dropping, int64, only in a training forward with grad
+   enabled, so eval, no-grad forwards and the no-grad first pass of activation recompute never count, and
+   the recompute pass in backward counts each token exactly once.
+5. balance losses (classic, V3 sequence-wise, V2 device/communication) attached to the gates.
+6. probs_TE / routing_map_TE in Megatron's layout for the dispatcher.
+
+The bias update itself is not here: ``balancer.BiasBalancer`` does it once per optimizer step for every
+layer in one collective. Megatron forbids a bias with softmax; this router allows it (LFB appendix C).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_moe_lossfree import routing
+from megatron_moe_lossfree.config import LossFreeConfig
+
+
+class NonFiniteRouterError(FloatingPointError):
+    """Router logits or counts are NaN/inf: names the layer (and step when known)."""
+
+
+class LossFreeRouter(TopKRouter):
+    """TopKRouter whose ``expert_bias`` is owned by the plugin (fp32, persistent, Megatron's name)."""
+
+    def __init__(self, config, pg_collection=None, lossfree: Optional[LossFreeConfig] = None, **kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        self.lossfree = lossfree or getattr(config, "lossfree", None) or LossFreeConfig()
+        num_experts = config.num_moe_experts
+        use_bias = self.lossfree.balancing == "bias"
+        # Megatron registers these only when its own update is on; the plugin keeps it off (one owner).
+        initial = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
+        del self.expert_bias, self.local_tokens_per_expert  # TopKRouter set them to plain None
+        self.register_buffer("expert_bias", torch.full((num_experts,), initial, dtype=torch.float32)
+                             if use_bias else None)
+        self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64),
+                             persistent=False)
+        # Set by the MoE layer before routing (device-limited routing needs the EP layout) and by
+        # the training loop (step, for error messages).
+        self.ep_size = 1
+        self.step: Optional[int] = None
+        self.last_aux_losses: dict[str, float] = {}
+
+    # -- fp32 bias under bf16/fp16 wrappers ---------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        """Float16Module casts every floating buffer; the bias must stay fp32 (REFERENCE section 9)."""
+        bias = self.expert_bias
+        module = super()._apply(fn, *args, **kwargs)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        return module
+
+    # -- routing ------------------------------------------------------------------------------------
+    def layer_name(self) -> str:
+        return f"layer {getattr(self, 'layer_number', '?')}"
+
+    def is_counting(self) -> bool:
+        """Count loads only in a training forward with grad enabled: once per token per step."""
+        return self.training and torch.is_grad_enabled()
+
+    def route_limit_groups(self) -> Optional[int]:
+        cfg = self.lossfree
+        if cfg.route_limit == "none":
+            return None
+        return cfg.route_groups or (self.ep_size if cfg.route_limit == "device" else None)
+
+    def select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Biased top-k selection with unbiased gates (pure ``routing.select_experts``)."""
+        cfg = self.lossfree
+        normalize = self.topk > 1 and not (self.score_function == "softmax" and self.config.moe_router_pre_softmax)
+        return routing.select_experts(
+            scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, normalize=normalize,
+            scaling_factor=self.config.moe_router_topk_scaling_factor, route_limit=cfg.route_limit,
+            num_groups=self.route_limit_groups(), max_groups=cfg.route_max_groups)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **kwargs):
+        seq_length, batch = logits.shape[:2]
+        logits_TE = logits.view(-1, self.config.num_moe_experts)
+        self.check_finite(logits_TE, "router logits")
+        logits_TE = self.apply_z_loss(logits_TE)
+        scores_TE = routing.compute_scores(logits_TE, self.score_function)
+        gates_TK, experts_TK = self.select(scores_TE)
+        if self.is_counting():
+            with torch.no_grad():
+                self.local_tokens_per_expert += routing.count_tokens_per_expert(
+                    experts_TK, self.config.num_moe_experts)
+        gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch)
+        self.last_selection = (gates_TK.detach(), experts_TK)
+        probs_TE = torch.zeros_like(scores_TE).scatter(1, experts_TK, gates_TK)
+        routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, experts_TK, True)
+        return probs_TE, routing_map_TE
+
+    def apply_balance_losses(self, gates_TK, scores_TE, experts_TK, *, num_sequences: int):
+        """Balance losses (issue: routing limits and losses); identity when every coefficient is 0."""
+        return gates_TK
+
+    def check_finite(self, tensor: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(tensor).all():
+            step = f" at step {self.step}" if self.step is not None else ""
+            raise NonFiniteRouterError(
+                f"{what} of {self.layer_name()}{step} contain NaN or inf: lower the learning rate, "
+                f"enable gradient clipping (--clip-grad 1.0), or check the input data")

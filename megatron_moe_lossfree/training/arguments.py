@@ -1,0 +1,163 @@
+"""Arguments of ``mlf-pretrain``: Megatron-LM's names, ``--preset``, and the ``--lossfree-*`` flags.
+
+Validation runs once, after presets and flags are merged, and reports every violation in one
+``LossFreeConfigError`` (flag, value, fix) before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Optional, Sequence
+
+from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.megatron.args import add_lossfree_args, lossfree_config_from_args
+from megatron_moe_lossfree.training.presets import preset_defaults
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises LossFreeConfigError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message):
+        raise LossFreeConfigError(f"{message}: see mlf-pretrain --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mlf-pretrain", description="Pretrain a GPT-MoE with Megatron-Core and "
+                "aux-loss-free balancing (megatron_moe_lossfree).")
+    p.add_argument("--preset", default=None, help="comma-separated presets: tiny-cpu, paper-1b, paper-3b, "
+                   "v2-router, v3-router (flags given explicitly win)")
+    g = p.add_argument_group("model")
+    for name, kind, default in [
+        ("num-layers", int, 4), ("hidden-size", int, 128), ("num-attention-heads", int, 4),
+        ("ffn-hidden-size", int, None), ("moe-ffn-hidden-size", int, None), ("num-experts", int, 16),
+        ("moe-router-topk", int, 2), ("moe-shared-expert-intermediate-size", int, None),
+        ("moe-first-dense-layers", int, 0), ("seq-length", int, 128), ("max-position-embeddings", int, None),
+        ("vocab-size", int, 4096), ("init-method-std", float, 0.02),
+        ("moe-router-topk-scaling-factor", float, None),
+    ]:
+        g.add_argument(f"--{name}", type=kind, default=default)
+    g.add_argument("--moe-router-score-function", default="sigmoid", metavar="{sigmoid,softmax}")
+    g.add_argument("--moe-token-dispatcher-type", default="alltoall", metavar="{alltoall,allgather}")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="use Megatron-Core's own TopKRouter and bias update instead of the plugin's")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="full activation recompute of every layer (Megatron's recompute_granularity=full)")
+    t = p.add_argument_group("training")
+    for name, kind, default in [
+        ("micro-batch-size", int, 4), ("global-batch-size", int, 8), ("train-iters", int, 100),
+        ("lr", float, 1e-3), ("min-lr", float, 0.0), ("lr-warmup-iters", int, 0), ("weight-decay", float, 0.1),
+        ("clip-grad", float, 1.0), ("adam-beta1", float, 0.9), ("adam-beta2", float, 0.95), ("seed", int, 1234),
+    ]:
+        t.add_argument(f"--{name}", type=kind, default=default)
+    t.add_argument("--lr-decay-style", default="cosine", metavar="{constant,linear,cosine}")
+    par = p.add_argument_group("parallelism")
+    for name in ("tensor-model-parallel-size", "pipeline-model-parallel-size", "expert-model-parallel-size"):
+        par.add_argument(f"--{name}", type=int, default=1)
+    par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    par.add_argument("--sequence-parallel", action="store_true")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="+", default=None,
+                   help="Megatron indexed-dataset prefixes (P or W1 P1 W2 P2); default: the embedded corpus")
+    d.add_argument("--tokenizer-model", default=None, help="tokenizer.json matching --data-path")
+    d.add_argument("--split", default="98,2,0", help="train,valid,test weights (Megatron-LM syntax)")
+    d.add_argument("--data-cache-dir", default="~/.cache/megatron_moe_lossfree")
+    o = p.add_argument_group("logging and checkpoints")
+    for name, default in [("log-interval", 10), ("eval-interval", 50), ("eval-iters", 4), ("save-interval", None)]:
+        o.add_argument(f"--{name}", type=int, default=default)
+    o.add_argument("--save", default=None)
+    o.add_argument("--load", default=None)
+    o.add_argument("--out", default="runs/demo", help="run directory: TensorBoard events, metrics.jsonl")
+    o.add_argument("--tensorboard-dir", default=None, help="default: OUT/tensorboard")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    add_lossfree_args(p)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse, apply presets under explicit flags, then validate everything once."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if first.preset:
+        defaults = {}
+        for name in first.preset.split(","):
+            defaults.update(preset_defaults(name.strip()))
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    finalize_args(args)
+    return args
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill derived values (said in the help) and validate; raises one error listing every problem."""
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    problems = list(_violations(args))
+    try:
+        args.lossfree = lossfree_config_from_args(args)
+    except LossFreeConfigError as err:
+        problems.append(str(err))
+    if problems:
+        raise LossFreeConfigError("; ".join(problems))
+    return args
+
+
+def _violations(a: argparse.Namespace):
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_experts", "moe_router_topk",
+                 "seq_length", "vocab_size", "micro_batch_size", "global_batch_size", "train_iters",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+                 "log_interval", "eval_interval"):
+        if getattr(a, name) < 1:
+            yield f"--{name.replace('_', '-')} ({getattr(a, name)}) must be >= 1"
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "init_method_std"):
+        value = getattr(a, name)
+        if not math.isfinite(value) or value < 0:
+            yield f"--{name.replace('_', '-')} ({value}) must be a finite number >= 0"
+    if a.lr_warmup_iters < 0 or a.lr_warmup_iters >= a.train_iters >= 1:
+        yield (f"--lr-warmup-iters ({a.lr_warmup_iters}) must lie in [0, --train-iters ({a.train_iters})): "
+               f"shorten the warmup or train longer")
+    if a.eval_iters < 0:
+        yield f"--eval-iters ({a.eval_iters}) must be >= 0 (0 skips evaluation)"
+    if a.moe_router_score_function not in ("sigmoid", "softmax"):
+        yield f"--moe-router-score-function ({a.moe_router_score_function}) must be sigmoid or softmax"
+    if a.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+        yield f"--moe-token-dispatcher-type ({a.moe_token_dispatcher_type}) must be alltoall or allgather"
+    if a.lr_decay_style not in ("constant", "linear", "cosine"):
+        yield f"--lr-decay-style ({a.lr_decay_style}) must be constant, linear or cosine"
+    if a.moe_router_topk > a.num_experts >= 1:
+        yield f"--moe-router-topk ({a.moe_router_topk}) must be <= --num-experts ({a.num_experts})"
+    if not 0 <= a.moe_first_dense_layers < a.num_layers:
+        yield (f"--moe-first-dense-layers ({a.moe_first_dense_layers}) must lie in [0, --num-layers "
+               f"({a.num_layers})): at least one layer must be MoE")
+    tp, pp, ep = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.expert_model_parallel_size
+    if a.num_experts >= 1 and ep >= 1 and a.num_experts % ep:
+        yield (f"--num-experts ({a.num_experts}) must be divisible by --expert-model-parallel-size ({ep}): "
+               f"use an EP size that divides {a.num_experts}")
+    if tp >= 1 and a.num_attention_heads % tp:
+        yield (f"--num-attention-heads ({a.num_attention_heads}) must be divisible by "
+               f"--tensor-model-parallel-size ({tp})")
+    if tp > 1 and not a.sequence_parallel:
+        yield (f"--tensor-model-parallel-size ({tp}) with MoE needs --sequence-parallel: Megatron-Core "
+               f"requires sequence parallelism for MoE under tensor parallelism")
+    if a.sequence_parallel and tp >= 1 and a.seq_length % tp:
+        yield f"--seq-length ({a.seq_length}) must be divisible by --tensor-model-parallel-size ({tp}) under SP"
+    if pp >= 1 and a.num_layers % pp:
+        yield f"--num-layers ({a.num_layers}) must be divisible by --pipeline-model-parallel-size ({pp})"
+    if a.micro_batch_size >= 1 and a.global_batch_size % a.micro_batch_size:
+        yield (f"--global-batch-size ({a.global_batch_size}) must be divisible by --micro-batch-size "
+               f"({a.micro_batch_size}) times the data-parallel size")
+    if a.moe_router_enable_expert_bias and a.lossfree_balancing != "none":
+        yield ("--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias "
+               "would both update the bias: pick one (add --lossfree-balancing none for Megatron's)")
+    if a.seq_length > a.max_position_embeddings:
+        yield (f"--seq-length ({a.seq_length}) must be <= --max-position-embeddings "
+               f"({a.max_position_embeddings})")
+    if (a.tokenizer_model is None) != (a.data_path is None):
+        yield ("--data-path and --tokenizer-model go together: give both (your dataset and the tokenizer "
+               "it was built with), or neither for the embedded corpus")

@@ -1,0 +1,127 @@
+"""Checkpoints through Megatron-Core dist_checkpointing, written atomically.
+
+Layout (Megatron-LM's): ``SAVE/iter_0000100/`` plus ``SAVE/latest_checkpointed_iteration.txt``.
+A save goes to ``iter_XXXXXXX.tmp`` and is renamed only after every rank finished, then the tracker is
+replaced atomically; a crash mid-save leaves the previous checkpoint as the latest, and a directory
+without dist_checkpointing's metadata is reported by name instead of being loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe_lossfree.errors import LossFreeConfigError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
+    """Save model, optimizer, scheduler and ``extra`` (plugin state) for ``iteration``; returns the dir."""
+    from megatron.core import dist_checkpointing
+
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    model_sd = unwrap(model).sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd),
+        "scheduler": scheduler.state_dict(),
+        "iteration": iteration,
+        "lossfree": extra,
+    }
+    dist_checkpointing.save(state, tmp)
+    _barrier()
+    if rank0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(root, TRACKER + ".tmp"), "w") as fh:
+            fh.write(str(iteration))
+        os.replace(os.path.join(root, TRACKER + ".tmp"), os.path.join(root, TRACKER))
+    _barrier()
+    return final
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """The iteration named by the tracker, or None when ``root`` holds no checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise LossFreeConfigError(
+            f"--load ({root}) has a corrupt {TRACKER} ({text!r}): write the iteration number of a complete "
+            f"checkpoint into it, or remove it to start fresh") from None
+
+
+def verify_checkpoint(path: str) -> None:
+    """Refuse a checkpoint directory that dist_checkpointing did not finish writing."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(path):
+        raise LossFreeConfigError(f"--load checkpoint {path} does not exist: check --load and {TRACKER}")
+    if not dist_checkpointing.check_is_distributed_checkpoint(path):
+        raise LossFreeConfigError(
+            f"--load checkpoint {path} is truncated or incomplete (no dist_checkpointing metadata): "
+            f"delete it and point {TRACKER} at an earlier complete checkpoint")
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, iteration: Optional[int] = None) -> Optional[dict]:
+    """Load the latest (or given) checkpoint into model/optimizer/scheduler; returns its common state."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        return None
+    path = checkpoint_dir(root, iteration)
+    verify_checkpoint(path)
+    model_sd = unwrap(model).sharded_state_dict()
+    template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
+    try:
+        state = dist_checkpointing.load(template, path)
+    except Exception as exc:  # dist_checkpointing raises CheckpointingException / KeyError with long text
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        hint = ""
+        if "expert_bias" in str(exc):
+            hint = (" (the checkpoint has no expert_bias: it was saved without bias balancing; add "
+                    "--lossfree-balancing none, or start a fresh run)")
+        raise LossFreeConfigError(
+            f"--load checkpoint {path} does not match this model{hint}: {first}: use the same model shape "
+            f"and parallel layout flags as the run that saved it") from None
+    unwrap(model).load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    common = dist_checkpointing.load_common_state_dict(path)
+    scheduler.load_state_dict(common["scheduler"])
+    return common
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}

@@ -1,0 +1,62 @@
+"""Model construction: TransformerConfig from arguments, GPTModel per pipeline stage, Megatron DDP."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def transformer_config_from_args(args: argparse.Namespace):
+    """Megatron's TransformerConfig, fields named as Megatron names them."""
+    from megatron_moe_lossfree.megatron.transformer_config import LossFreeTransformerConfig
+
+    dense = args.moe_first_dense_layers
+    return LossFreeTransformerConfig(
+        lossfree=args.lossfree,
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_layer_freq=[0] * dense + [1] * (args.num_layers - dense),
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        # Exactly one owner of the bias update: Megatron's only for the built-in baseline.
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.lossfree_update_rate,
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type, moe_grouped_gemm=False,
+        moe_router_dtype="fp32",
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, bf16=args.bf16,
+        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        init_method_std=args.init_method_std, use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity="full" if args.recompute_activations else None,
+        recompute_method="uniform" if args.recompute_activations else None,
+        recompute_num_layers=1 if args.recompute_activations else None,
+    )
+
+
+def build_model(args: argparse.Namespace, config, vocab_size: int):
+    """One GPTModel chunk for this pipeline stage, wrapped in Megatron DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec
+
+    spec = get_lossfree_block_spec(config, use_plugin=not args.moe_router_enable_expert_bias)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                     max_sequence_length=args.max_position_embeddings,
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    return DistributedDataParallel(config, DistributedDataParallelConfig(), model)

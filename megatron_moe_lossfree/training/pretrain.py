@@ -1,0 +1,300 @@
+"""``mlf-pretrain``: GPT-MoE pretraining on Megatron-Core with aux-loss-free balancing.
+
+One process (CPU demo, tiny-cpu preset, embedded corpus)::
+
+    mlf-pretrain --preset tiny-cpu
+
+One node, several processes (gloo on CPU, NCCL on GPUs)::
+
+    torchrun --nproc-per-node 4 -m megatron_moe_lossfree pretrain --preset tiny-cpu \\
+        --tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2
+
+Many nodes: the same under ``torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT`` or srun.
+Prints a progress bar, a table line every ``--log-interval`` steps (step, loss, lr, tokens/s,
+MaxVio_batch), validation loss/perplexity every ``--eval-interval`` steps and a final summary; writes
+TensorBoard events and ``metrics.jsonl`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe_lossfree.errors import LossFreeConfigError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """torchrun's env:// rendezvous, or a one-process group on a free local port."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+
+
+def check_world(args: argparse.Namespace, world: int) -> None:
+    """Layout checks that need the world size; one error listing every problem."""
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
+    problems = []
+    if world % (tp * pp):
+        problems.append(f"world size ({world}) must be divisible by --tensor-model-parallel-size x "
+                        f"--pipeline-model-parallel-size ({tp} x {pp}): launch a multiple of {tp * pp} processes")
+    elif world % (ep * etp * pp):
+        problems.append(f"world size ({world}) must be divisible by --expert-model-parallel-size x expert TP x "
+                        f"PP ({ep} x {etp} x {pp}): launch a multiple of {ep * etp * pp} processes")
+    else:
+        dp = world // (tp * pp)
+        if args.global_batch_size % (args.micro_batch_size * dp):
+            problems.append(f"--global-batch-size ({args.global_batch_size}) must be divisible by "
+                            f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {dp})")
+    if args.bf16 and not torch.cuda.is_available():
+        problems.append("--bf16 needs a CUDA GPU: Megatron's mixed-precision optimizer checks CUDA tensor "
+                        "types; drop --bf16 on CPU")
+    if problems:
+        raise LossFreeConfigError("; ".join(problems))
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches; built by ``setup``."""
+
+    args: argparse.Namespace
+    config: object
+    model: object
+    optimizer: object
+    scheduler: object
+    train_data: object
+    valid_data: object
+    balancer: Optional[object]
+    logger: object
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    # -- one micro-batch ------------------------------------------------------------------------------
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+        loss_mask = batch["loss_mask"].float()
+
+        def loss_func(output_tensor):
+            loss = (output_tensor.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+            return loss, {"lm loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    def run_schedule(self, data, *, forward_only: bool) -> Optional[float]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        a = self.args
+        num_micro = a.global_batch_size // (a.micro_batch_size * ps.get_data_parallel_world_size())
+        losses = get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=data, model=[self.model],
+            num_microbatches=num_micro, seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
+            forward_only=forward_only)
+        return self.average_loss(losses)
+
+    def average_loss(self, losses) -> Optional[float]:
+        """Mean over micro-batches and DP ranks; on the last pipeline stage (None elsewhere)."""
+        from megatron.core import parallel_state as ps
+
+        if not ps.is_pipeline_last_stage():
+            return None
+        value = torch.stack([entry["lm loss"] for entry in losses]).mean().reshape(1)
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+        return float(value) / ps.get_data_parallel_world_size()
+
+    # -- one optimizer step ---------------------------------------------------------------------------
+    def train_step(self) -> Optional[float]:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self.run_schedule(self.train_data, forward_only=False)
+        self.optimizer.step()
+        self.scheduler.step(increment=self.args.global_batch_size)
+        self.step += 1
+        return loss
+
+    def evaluate(self) -> Optional[float]:
+        self.model.eval()
+        with torch.no_grad():
+            losses = [self.run_schedule(self.valid_data, forward_only=True) for _ in range(self.args.eval_iters)]
+        self.model.train()
+        if losses and losses[0] is not None:
+            return sum(losses) / len(losses)
+        return None
+
+
+def _is_logging_rank() -> bool:
+    return dist.get_rank() == dist.get_world_size() - 1  # on the last pipeline stage, like Megatron-LM
+
+
+def setup(args: argparse.Namespace) -> Trainer:
+    from megatron_moe_lossfree.megatron import cpu_runtime
+
+    cpu_runtime.activate()
+    init_distributed()
+    check_world(args, dist.get_world_size())
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_moe_lossfree.megatron import compat
+    from megatron_moe_lossfree.megatron.balancer import install_bias_balancer
+    from megatron_moe_lossfree.training import data as data_mod
+    from megatron_moe_lossfree.training.checkpoint import load_checkpoint
+    from megatron_moe_lossfree.training.logger import RunLogger
+    from megatron_moe_lossfree.training.model import build_model, transformer_config_from_args
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    compat.seed_model_parallel_rng(args.seed)
+    torch.manual_seed(args.seed)
+
+    prefixes, weights, tokenizer = prepare_data(args, data_mod)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise LossFreeConfigError(
+            f"--vocab-size ({args.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}): set --vocab-size {tokenizer.vocab_size} or more")
+    gb, evals = args.global_batch_size, args.train_iters // args.eval_interval + 1
+    train_ds, valid_ds, _ = data_mod.build_gpt_datasets(
+        prefixes, weights, tokenizer, seq_length=args.seq_length, seed=args.seed, split=args.split,
+        num_samples=[args.train_iters * gb, max(1, evals * args.eval_iters * gb), None],
+        cache_dir=os.path.join(os.path.expanduser(args.data_cache_dir), "index-cache"))
+    if valid_ds is None and args.eval_iters > 0:
+        raise LossFreeConfigError(f"--split ({args.split}) leaves no validation data: give the valid "
+                                  f"split a share, e.g. 98,2,0, or pass --eval-iters 0")
+
+    config = transformer_config_from_args(args)
+    model = build_model(args, config, vocab_size=args.vocab_size)
+    config.finalize_model_grads_func = finalize_model_grads
+    balancer = None
+    if not args.moe_router_enable_expert_bias:
+        balancer = install_bias_balancer(config, [model], args.lossfree)
+
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad, bf16=args.bf16,
+        params_dtype=config.params_dtype, use_distributed_optimizer=False), [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters * gb,
+        lr_decay_steps=args.train_iters * gb, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gb, wd_incr_style="constant")
+
+    step = 0
+    if args.load:
+        common = load_checkpoint(args.load, model, optimizer, scheduler)
+        if common is not None:
+            step = int(common["iteration"])
+            if balancer is not None and common.get("lossfree"):
+                balancer.load_state_dict(common["lossfree"]["balancer"])
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    batches = dict(global_batch_size=gb, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    train_data = data_mod.iterate_micro_batches(train_ds, start_step=step, **batches)
+    valid_data = data_mod.iterate_micro_batches(valid_ds, start_step=0, **batches) if valid_ds else None
+    logger = RunLogger(args.out, enabled=_is_logging_rank(), total_steps=args.train_iters, start_step=step,
+                       tensorboard_dir=args.tensorboard_dir, progress=not args.no_progress)
+    return Trainer(args=args, config=config, model=model, optimizer=optimizer, scheduler=scheduler,
+                   train_data=train_data, valid_data=valid_data, balancer=balancer, logger=logger, step=step)
+
+
+def prepare_data(args, data_mod):
+    """(prefixes, weights, tokenizer): ``--data-path`` as given, or the embedded corpus (built by rank 0)."""
+    if args.data_path is None:
+        cache = os.path.expanduser(args.data_cache_dir)
+        if dist.get_rank() == 0:
+            data_mod.embedded_dataset(cache, args.vocab_size)
+        dist.barrier()
+        prefix, tokenizer_path = data_mod.embedded_dataset(cache, args.vocab_size)
+        prefixes, weights = [prefix], None
+    else:
+        prefixes, weights = data_mod.parse_data_path(args.data_path)
+        tokenizer_path = args.tokenizer_model
+    tokenizer = data_mod.Tokenizer(tokenizer_path)
+    for prefix in prefixes:
+        data_mod.check_indexed_dataset(prefix, min(tokenizer.vocab_size, args.vocab_size))
+    return prefixes, weights, tokenizer
+
+
+def train(trainer: Trainer) -> dict:
+    """The loop: steps, periodic table lines and evaluations, checkpoints, final summary."""
+    from megatron_moe_lossfree.training.checkpoint import save_checkpoint
+    from megatron_moe_lossfree.training.metrics_log import step_metrics
+
+    a, log = trainer.args, trainer.logger
+    tokens_per_step = a.global_batch_size * a.seq_length
+    summary = {"first_loss": None, "last_loss": None, "val_loss": None, "val_ppl": None}
+    window_start, window_steps = time.time(), 0
+    while trainer.step < a.train_iters:
+        loss = trainer.train_step()
+        window_steps += 1
+        log.advance()
+        if summary["first_loss"] is None:
+            summary["first_loss"] = loss
+        summary["last_loss"] = loss
+        if trainer.step % a.log_interval == 0 or trainer.step == a.train_iters:
+            elapsed = time.time() - window_start
+            m = step_metrics(trainer)
+            m.update(loss=loss if loss is not None else float("nan"),
+                     lr=trainer.optimizer.param_groups[0]["lr"],
+                     tokens_per_s=tokens_per_step * window_steps / max(elapsed, 1e-9))
+            log.table_line(trainer.step, a.train_iters, m)
+            log.record(trainer.step, "train", m)
+            window_start, window_steps = time.time(), 0
+        if a.eval_iters > 0 and (trainer.step % a.eval_interval == 0 or trainer.step == a.train_iters):
+            val = trainer.evaluate()
+            if val is not None:
+                ppl = math.exp(min(val, 50.0))
+                summary.update(val_loss=val, val_ppl=ppl)
+                log.print(f"validation at step {trainer.step}: loss {val:.4f} | perplexity {ppl:.2f}")
+                log.record(trainer.step, "valid", {"loss": val, "ppl": ppl})
+        if a.save and a.save_interval and trainer.step % a.save_interval == 0:
+            save_checkpoint(a.save, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
+                            plugin_state(trainer))
+    if a.save and (not a.save_interval or trainer.step % a.save_interval):
+        save_checkpoint(a.save, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
+                        plugin_state(trainer))
+    return summary
+
+
+def plugin_state(trainer: Trainer) -> dict:
+    return {"balancer": trainer.balancer.state_dict() if trainer.balancer is not None else None}
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    trainer = setup(args)
+    try:
+        summary = train(trainer)
+    finally:
+        trainer.logger.close()
+    if trainer.logger.enabled:
+        trainer.logger.print(
+            f"done: {trainer.step} steps | first loss {summary['first_loss']:.4f} -> last loss "
+            f"{summary['last_loss']:.4f}" + (f" | final validation perplexity {summary['val_ppl']:.2f}"
+                                             if summary["val_ppl"] is not None else "")
+            + f" | outputs in {args.out}")
+    return summary

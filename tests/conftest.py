@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
