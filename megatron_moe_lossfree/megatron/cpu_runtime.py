@@ -18,6 +18,10 @@ What it neutralises (see shared notes/megatron_core_map.md, "Running on CPU"):
    (Megatron all-reduces those grads over TP, as it does for TE's norms).
 6. ``@jit_fuser`` is ``torch.compile``: a cold compile costs ~15 s per shape on CPU, so dynamo is disabled.
 
+7. Activation recompute saves and restores the CUDA RNG state: there is none, so that part is inert
+   (the CPU RNG state is still saved and restored by Megatron itself). The recompute runs inside
+   autograd's backward, where the TorchFunctionMode of (2) is not active: it is entered there too.
+
 Megatron's RNG tracker needs CUDA; ``seed_model_parallel_rng`` uses the inference (CPU) tracker instead.
 """
 
@@ -205,6 +209,17 @@ def _patch_megatron() -> None:
     import megatron.core.optimizer.optimizer as megatron_optimizer
     from megatron.core.transformer import torch_norm
 
+    import megatron.core.tensor_parallel.random as megatron_random
+
     megatron_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    recompute_backward = megatron_random.CheckpointFunction.backward
+
+    def backward_on_cpu(ctx, *grads):
+        with _CudaToCpuMode():
+            return recompute_backward(ctx, *grads)
+
+    megatron_random.CheckpointFunction.backward = staticmethod(backward_on_cpu)
     torch_norm.WrappedTorchNorm.__new__ = _sequence_parallel_torch_norm
     compat.define_missing_te_names()

@@ -1,0 +1,66 @@
+"""mlf-pretrain argument parsing and validation: exact one-line messages naming flag, value and fix."""
+
+import pytest
+
+from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.training.arguments import parse_args
+
+CASES = [
+    (["--num-experts", "6", "--expert-model-parallel-size", "4"],
+     "--num-experts (6) must be divisible by --expert-model-parallel-size (4): use an EP size that divides 6"),
+    (["--tensor-model-parallel-size", "2"],
+     "--tensor-model-parallel-size (2) with MoE needs --sequence-parallel: Megatron-Core requires sequence "
+     "parallelism for MoE under tensor parallelism"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"],
+     "--global-batch-size (10) must be divisible by --micro-batch-size (4) times the data-parallel size"),
+    (["--moe-router-topk", "9", "--num-experts", "8"], "--moe-router-topk (9) must be <= --num-experts (8)"),
+    (["--lossfree-update-rate", "0"],
+     "--lossfree-update-rate (0.0) must be > 0 with bias balancing: use e.g. 1e-3 (the paper's value), "
+     "or --lossfree-balancing none"),
+    (["--lossfree-update-rule", "sgn"],
+     "--lossfree-update-rule ('sgn') is not a valid choice: use one of sign, proportional, sign_centered, "
+     "multiplicative"),
+    (["--lossfree-rate-schedule", "v3"],
+     "--lossfree-freeze-bias-after-tokens (None) must be a positive token count with --lossfree-rate-schedule v3"),
+    (["--data-path", "/nonexistent/x"],
+     "--data-path and --tokenizer-model go together: give both (your dataset and the tokenizer it was built "
+     "with), or neither for the embedded corpus"),
+    (["--lr-warmup-iters", "100", "--train-iters", "100"],
+     "--lr-warmup-iters (100) must lie in [0, --train-iters (100)): shorten the warmup or train longer"),
+    (["--moe-router-enable-expert-bias"],
+     "--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias would both "
+     "update the bias: pick one (add --lossfree-balancing none for Megatron's)"),
+    (["--preset", "huge"], "--preset (huge) is unknown: use one of tiny-cpu, paper-1b, paper-3b, v2-router, v3-router"),
+    (["--num-layers", "three"], "argument --num-layers: invalid int value: 'three': see mlf-pretrain --help"),
+]
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[c[0][0] for c in CASES])
+def test_bad_input_gives_exact_message(argv, message):
+    with pytest.raises(LossFreeConfigError) as info:
+        parse_args(argv)
+    assert str(info.value) == message
+
+
+def test_every_violation_is_reported_at_once():
+    with pytest.raises(LossFreeConfigError) as info:
+        parse_args(["--num-experts", "6", "--expert-model-parallel-size", "4", "--lossfree-update-rate", "-1"])
+    text = str(info.value)
+    assert "--num-experts (6)" in text and "--lossfree-update-rate (-1.0)" in text
+
+
+def test_preset_fills_defaults_and_flags_win():
+    args = parse_args(["--preset", "tiny-cpu", "--num-experts", "32"])
+    assert args.num_experts == 32            # explicit flag beats the preset
+    assert args.moe_router_topk == 2         # from the preset
+    assert args.moe_first_dense_layers == 1  # LFB: first FFN dense
+    assert args.lossfree.update_rule == "sign"
+
+
+def test_cli_prints_one_line_without_traceback(capsys):
+    from megatron_moe_lossfree.cli import pretrain_main
+
+    assert pretrain_main(["--num-experts", "6", "--expert-model-parallel-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: --num-experts (6) must be divisible")
