@@ -54,6 +54,7 @@ class BiasBalancer:
         self.tokens_seen = 0
         self.steps = 0
         self.last_counts: list[torch.Tensor] = []
+        self.last_micro_batch_counts: list = []
 
     # Megatron calls config.finalize_model_grads_func(model, num_tokens, ...).
     def __call__(self, *args, **kwargs):
@@ -85,6 +86,10 @@ class BiasBalancer:
                         router.expert_bias.copy_(balancing.update_bias(
                             router.expert_bias, counts_E, rule=self.lossfree.update_rule, rate=rate))
                     router.local_tokens_per_expert.zero_()
+        self.last_micro_batch_counts = [torch.stack(r.micro_batch_counts) if r.micro_batch_counts else None
+                                        for r in self.routers]
+        for router in self.routers:
+            router.micro_batch_counts = []
         self.steps += 1
 
     def state_dict(self) -> dict:

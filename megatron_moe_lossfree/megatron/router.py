@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_lossfree import routing
+from megatron_moe_lossfree import balancing, routing
 from megatron_moe_lossfree.config import LossFreeConfig
 
 
@@ -46,11 +46,16 @@ class LossFreeRouter(TopKRouter):
                              if use_bias else None)
         self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64),
                              persistent=False)
+        # Evaluation loads (MaxVio_global) are kept apart so that evaluation never moves the bias.
+        self.register_buffer("eval_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64),
+                             persistent=False)
+        # Per micro-batch local counts of this step (MaxVio_computation-batch); cleared by the balancer.
+        self.micro_batch_counts: list[torch.Tensor] = []
         # Set by the MoE layer before routing (device-limited routing needs the EP layout) and by
         # the training loop (step, for error messages).
         self.ep_size = 1
         self.step: Optional[int] = None
-        self.last_aux_losses: dict[str, float] = {}
+        self.last_aux_losses: dict[str, torch.Tensor] = {}
 
     # -- fp32 bias under bf16/fp16 wrappers ---------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
@@ -68,6 +73,18 @@ class LossFreeRouter(TopKRouter):
     def is_counting(self) -> bool:
         """Count loads only in a training forward with grad enabled: once per token per step."""
         return self.training and torch.is_grad_enabled()
+
+    def count_loads(self, experts_TK: torch.Tensor) -> None:
+        """Pre-drop loads: training counts drive the bias; evaluation counts only feed MaxVio_global."""
+        if self.is_counting():
+            with torch.no_grad():
+                counts_E = routing.count_tokens_per_expert(experts_TK, self.config.num_moe_experts)
+                self.local_tokens_per_expert += counts_E
+                self.micro_batch_counts.append(counts_E)
+        elif not self.training:
+            with torch.no_grad():
+                self.eval_tokens_per_expert += routing.count_tokens_per_expert(
+                    experts_TK, self.config.num_moe_experts)
 
     def route_limit_groups(self) -> Optional[int]:
         cfg = self.lossfree
@@ -91,10 +108,7 @@ class LossFreeRouter(TopKRouter):
         logits_TE = self.apply_z_loss(logits_TE)
         scores_TE = routing.compute_scores(logits_TE, self.score_function)
         gates_TK, experts_TK = self.select(scores_TE)
-        if self.is_counting():
-            with torch.no_grad():
-                self.local_tokens_per_expert += routing.count_tokens_per_expert(
-                    experts_TK, self.config.num_moe_experts)
+        self.count_loads(experts_TK)
         gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch)
         self.last_selection = (gates_TK.detach(), experts_TK)
         probs_TE = torch.zeros_like(scores_TE).scatter(1, experts_TK, gates_TK)
@@ -102,7 +116,47 @@ class LossFreeRouter(TopKRouter):
         return probs_TE, routing_map_TE
 
     def apply_balance_losses(self, gates_TK, scores_TE, experts_TK, *, num_sequences: int):
-        """Balance losses (issue: routing limits and losses); identity when every coefficient is 0."""
+        """Attach the configured balance losses to the gates (Megatron's MoEAuxLossAutoScaler adds
+        their gradient in backward). Only in a training forward with grad, like Megatron's own losses.
+
+        Tokens are reordered to sequence-major (Megatron flattens [S, B] as t = s*B + b). Each rank
+        computes the losses on the tokens it routes: under sequence/context parallelism a "sequence"
+        is the rank's slice of it (Megatron reduces its seq-aux counts over TP x CP; we do not, stated
+        in the docs). The device and communication losses count devices from the actual EP layout.
+        """
+        cfg = self.lossfree
+        coeffs = (cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff, cfg.device_loss_coeff, cfg.comm_loss_coeff)
+        if not any(coeffs) or not self.is_counting():
+            return gates_TK
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        num_experts = scores_TE.shape[-1]
+        seq_len = scores_TE.shape[0] // num_sequences
+        scores_BSE = scores_TE.view(seq_len, num_sequences, num_experts).transpose(0, 1)
+        scores_NE = scores_BSE.reshape(-1, num_experts)
+        experts_NK = experts_TK.view(seq_len, num_sequences, -1).transpose(0, 1).reshape(-1, experts_TK.shape[-1])
+        losses = {}
+        if cfg.aux_loss_coeff:
+            per = num_sequences if cfg.aux_loss_scope == "sequence" else 1
+            losses["aux_loss"] = balancing.aux_loss(scores_NE, experts_NK, alpha=cfg.aux_loss_coeff,
+                                                    num_sequences=per)
+        if cfg.seq_aux_loss_coeff:
+            losses["seq_aux_loss"] = balancing.sequence_aux_loss(
+                scores_NE, balancing.unbiased_topk(scores_NE, self.topk), alpha=cfg.seq_aux_loss_coeff,
+                num_sequences=num_sequences)
+        devices = self.ep_size
+        if cfg.device_loss_coeff:
+            losses["device_loss"] = balancing.device_balance_loss(
+                scores_NE, experts_NK, alpha=cfg.device_loss_coeff, num_devices=devices,
+                num_sequences=num_sequences)
+        if cfg.comm_loss_coeff:
+            max_devices = min(cfg.route_max_groups or devices, devices)
+            losses["comm_loss"] = balancing.comm_balance_loss(
+                scores_NE, experts_NK, alpha=cfg.comm_loss_coeff, num_devices=devices,
+                max_devices=max_devices, num_sequences=num_sequences)
+        for name, loss in losses.items():
+            gates_TK = MoEAuxLossAutoScaler.apply(gates_TK, loss)
+            self.last_aux_losses[name] = loss.detach()
         return gates_TK
 
     def check_finite(self, tensor: torch.Tensor, what: str) -> None:

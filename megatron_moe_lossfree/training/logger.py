@@ -52,8 +52,10 @@ class RunLogger:
             return
         for name, value in scalars.items():
             if isinstance(value, (list, tuple)):
+                if value and isinstance(value[0], (list, tuple)):
+                    continue  # per-expert tables (loads, biases) go to the JSONL only
                 for layer, v in enumerate(value, 1):
-                    self.writer.add_scalar(f"{kind}/{name}/layer_{layer:02d}", v, step)
+                    self.writer.add_scalar(f"{kind}/{name}/moe_layer_{layer:02d}", v, step)
             elif value is not None and math.isfinite(value):
                 self.writer.add_scalar(f"{kind}/{name}", value, step)
         row = {"kind": kind, "step": step, **scalars, **(extra or {})}

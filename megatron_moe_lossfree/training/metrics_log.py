@@ -1,6 +1,18 @@
-"""Per-step balance metrics for the log: computed from the balancer's already-reduced counts (free)."""
+"""Balance metrics for the log, from counts the balancer already reduced (no extra work per step).
+
+- MaxVio_batch (LFB Eq. 4, REFERENCE 2): per layer, on the global batch of the step (the bias
+  update's own all-reduced counts).
+- MaxVio_computation-batch (LFB 5.1): per layer and micro-batch, the counts of one micro-batch summed
+  over the EP group (the ranks whose tokens meet at the experts), averaged over micro-batches. Needs one
+  small all-reduce over the EP group, done on logging steps only.
+- MaxVio_global: per layer, the counts of a whole evaluation (all eval iterations) summed first.
+Pipeline stages hold their own layers; one all-reduce over the PP group assembles [L, E] tables, on
+logging steps only. Layers are indexed by Megatron's global layer number; dense layers are skipped.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -8,31 +20,105 @@ import torch.distributed as dist
 from megatron_moe_lossfree import metrics
 
 
-def step_metrics(trainer) -> dict:
-    """MaxVio_batch (mean and per layer) and bias statistics of the step that just ended.
-
-    Each pipeline stage holds its own layers; one small all-reduce over the PP group assembles all
-    layers on every stage (only on logging steps).
-    """
+def _assemble(trainer, per_router_rows: list[Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scatter each local router's [E] row into an [L, E_max] table summed over PP; (table, present)."""
     from megatron.core import parallel_state as ps
 
-    balancer = trainer.balancer
-    if balancer is None or not balancer.last_counts:
-        return {}
+    routers = trainer.balancer.routers
     num_layers = trainer.config.num_layers
-    values = torch.zeros(3, num_layers, dtype=torch.float64)  # maxvio, bias max |b|, present
-    for router, counts_E in zip(balancer.routers, balancer.last_counts):
-        i = router.layer_number - 1
-        values[0, i] = metrics.max_violation(counts_E)
-        if router.expert_bias is not None:
-            values[1, i] = float(router.expert_bias.abs().max())
-        values[2, i] = 1.0
+    width = max([r.local_tokens_per_expert.numel() for r in routers], default=1)
+    width = int(_pp_max(torch.tensor([width]))[0])
+    table = torch.zeros(num_layers + 1, width + 1, dtype=torch.float64)  # last column: present flag
+    for router, row in zip(routers, per_router_rows):
+        if row is not None:
+            table[router.layer_number - 1, : row.numel()] = row.double()
+            table[router.layer_number - 1, -1] = 1.0
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
-    present = values[2] > 0
-    per_layer = values[0][present].tolist()
-    return {
-        "maxvio_batch": sum(per_layer) / len(per_layer),
-        "maxvio_batch_layers": per_layer,
-        "bias_absmax_layers": values[1][present].tolist(),
+        dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
+    present = table[:num_layers, -1] > 0
+    return table[:num_layers, :-1][present], present
+
+
+def _pp_max(value: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    return value
+
+
+def computation_batch_maxvio(trainer) -> list[Optional[float]]:
+    """Per local router: mean over micro-batches of MaxVio of the EP-group-summed micro-batch counts."""
+    from megatron.core import parallel_state as ps
+
+    stacks = trainer.balancer.last_micro_batch_counts
+    if not stacks or any(s is None for s in stacks):
+        return [None] * len(stacks)
+    flat = torch.cat([s.flatten() for s in stacks])
+    if ps.get_expert_model_parallel_world_size() > 1:
+        dist.all_reduce(flat, group=ps.get_expert_model_parallel_group())
+    values, offset = [], 0
+    for s in stacks:
+        block = flat[offset: offset + s.numel()].view_as(s)
+        offset += s.numel()
+        values.append(float(metrics.max_violation(block).mean()))
+    return values
+
+
+def step_metrics(trainer) -> dict:
+    """MaxVio_batch / computation-batch (mean and per layer), loads, biases and balance losses."""
+    balancer = trainer.balancer
+    if balancer is None or not balancer.routers or not balancer.last_counts:
+        return {}
+    routers = balancer.routers
+    scalars = [torch.tensor([float(metrics.max_violation(c)), float(c.numel()), v if v is not None else -1.0],
+                            dtype=torch.float64)
+               for c, v in zip(balancer.last_counts, computation_batch_maxvio(trainer))]
+    scalars_L3, _ = _assemble(trainer, scalars)
+    loads_LE, _ = _assemble(trainer, balancer.last_counts)
+    bias_LE, _ = _assemble(trainer, [r.expert_bias for r in routers])
+    widths = [int(w) for w in scalars_L3[:, 1]]
+    maxvio = scalars_L3[:, 0].tolist()
+    compute = [v for v in scalars_L3[:, 2].tolist() if v >= 0]
+    out = {
+        "maxvio_batch": sum(maxvio) / len(maxvio),
+        "maxvio_batch_layers": maxvio,
+        "loads_layers": [[int(x) for x in row[:w]] for row, w in zip(loads_LE, widths)],
     }
+    if bias_LE.numel():
+        out["bias_layers"] = [row[:w].tolist() for row, w in zip(bias_LE, widths)]
+        out["bias_absmax_layers"] = [float(row[:w].abs().max()) for row, w in zip(bias_LE, widths)]
+    if len(compute) == len(maxvio):
+        out["maxvio_compute"] = sum(compute) / len(compute)
+    out.update(aux_loss_metrics(trainer))
+    return out
+
+
+def aux_loss_metrics(trainer) -> dict:
+    """The balance losses of the last micro-batch, mean over this stage's layers (logged when on)."""
+    sums: dict[str, list[float]] = {}
+    for router in trainer.balancer.routers:
+        for name, value in router.last_aux_losses.items():
+            sums.setdefault(name, []).append(float(value))
+    return {name: sum(v) / len(v) for name, v in sums.items()}
+
+
+def reset_eval_counts(trainer) -> None:
+    if trainer.balancer is not None:
+        for router in trainer.balancer.routers:
+            router.eval_tokens_per_expert.zero_()
+
+
+def eval_metrics(trainer) -> dict:
+    """MaxVio_global of the evaluation that just ran: counts over all eval iterations, then the ratio."""
+    balancer = trainer.balancer
+    if balancer is None or not balancer.routers:
+        return {}
+    counts = torch.cat([r.eval_tokens_per_expert for r in balancer.routers])
+    if balancer.group is not None and dist.get_world_size(balancer.group) > 1:
+        dist.all_reduce(counts, group=balancer.group)
+    rows = list(counts.split([r.eval_tokens_per_expert.numel() for r in balancer.routers]))
+    per_layer = [metrics.max_violation(row) for row in rows]
+    table, _ = _assemble(trainer, [torch.tensor([v]) for v in per_layer])
+    values = table[:, 0].tolist()
+    return {"maxvio_global": sum(values) / len(values), "maxvio_global_layers": values}

@@ -134,6 +134,9 @@ class Trainer:
         return loss
 
     def evaluate(self) -> Optional[float]:
+        from megatron_moe_lossfree.training.metrics_log import reset_eval_counts
+
+        reset_eval_counts(self)
         self.model.eval()
         with torch.no_grad():
             losses = [self.run_schedule(self.valid_data, forward_only=True) for _ in range(self.args.eval_iters)]
@@ -243,7 +246,7 @@ def prepare_data(args, data_mod):
 def train(trainer: Trainer) -> dict:
     """The loop: steps, periodic table lines and evaluations, checkpoints, final summary."""
     from megatron_moe_lossfree.training.checkpoint import save_checkpoint
-    from megatron_moe_lossfree.training.metrics_log import step_metrics
+    from megatron_moe_lossfree.training.metrics_log import eval_metrics, step_metrics
 
     a, log = trainer.args, trainer.logger
     tokens_per_step = a.global_batch_size * a.seq_length
@@ -267,11 +270,15 @@ def train(trainer: Trainer) -> dict:
             window_start, window_steps = time.time(), 0
         if a.eval_iters > 0 and (trainer.step % a.eval_interval == 0 or trainer.step == a.train_iters):
             val = trainer.evaluate()
+            balance = eval_metrics(trainer)
             if val is not None:
                 ppl = math.exp(min(val, 50.0))
-                summary.update(val_loss=val, val_ppl=ppl)
-                log.print(f"validation at step {trainer.step}: loss {val:.4f} | perplexity {ppl:.2f}")
-                log.record(trainer.step, "valid", {"loss": val, "ppl": ppl})
+                summary.update(val_loss=val, val_ppl=ppl, maxvio_global=balance.get("maxvio_global"))
+                text = f"validation at step {trainer.step}: loss {val:.4f} | perplexity {ppl:.2f}"
+                if balance:
+                    text += f" | MaxVio_global {balance['maxvio_global']:.3f}"
+                log.print(text)
+                log.record(trainer.step, "valid", {"loss": val, "ppl": ppl, **balance})
         if a.save and a.save_interval and trainer.step % a.save_interval == 0:
             save_checkpoint(a.save, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
                             plugin_state(trainer))
