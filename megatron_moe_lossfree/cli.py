@@ -54,6 +54,17 @@ def prepare_data_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(run, argv)
 
 
+def report_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``mlf-report``: plots and a summary table from runs' metrics.jsonl."""
+
+    def run(argv):
+        from megatron_moe_lossfree.report import main
+
+        main(argv)
+
+    return _run(run, argv)
+
+
 def _shutdown() -> None:
     import torch.distributed as dist
 
@@ -62,7 +73,7 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-COMMANDS = {"pretrain": pretrain_main, "prepare-data": prepare_data_main}
+COMMANDS = {"pretrain": pretrain_main, "prepare-data": prepare_data_main, "report": report_main}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

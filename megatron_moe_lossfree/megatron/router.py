@@ -99,7 +99,8 @@ class LossFreeRouter(TopKRouter):
         return routing.select_experts(
             scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, normalize=normalize,
             scaling_factor=self.config.moe_router_topk_scaling_factor, route_limit=cfg.route_limit,
-            num_groups=self.route_limit_groups(), max_groups=cfg.route_max_groups)
+            num_groups=self.route_limit_groups(),
+            max_groups=cfg.route_max_groups if cfg.route_limit != "none" else None)
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **kwargs):
         seq_length, batch = logits.shape[:2]

@@ -155,9 +155,34 @@ def _violations(a: argparse.Namespace):
     if a.moe_router_enable_expert_bias and a.lossfree_balancing != "none":
         yield ("--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias "
                "would both update the bias: pick one (add --lossfree-balancing none for Megatron's)")
+    yield from _route_limit_violations(a)
     if a.seq_length > a.max_position_embeddings:
         yield (f"--seq-length ({a.seq_length}) must be <= --max-position-embeddings "
                f"({a.max_position_embeddings})")
     if (a.tokenizer_model is None) != (a.data_path is None):
         yield ("--data-path and --tokenizer-model go together: give both (your dataset and the tokenizer "
                "it was built with), or neither for the embedded corpus")
+
+
+def _route_limit_violations(a: argparse.Namespace):
+    """Device-/node-limited routing layouts (REFERENCE 6), checked before any process starts."""
+    limit = a.lossfree_route_limit
+    if limit not in ("device", "node") or a.lossfree_route_max_groups is None:
+        return
+    groups = a.lossfree_route_groups or (a.expert_model_parallel_size if limit == "device" else None)
+    if groups is None or groups < 1:
+        return
+    m, e, k = a.lossfree_route_max_groups, a.num_experts, a.moe_router_topk
+    source = "--lossfree-route-groups" if a.lossfree_route_groups else "the EP size (--expert-model-parallel-size)"
+    if e % groups:
+        yield (f"--num-experts ({e}) must be divisible by the {limit} groups ({groups}, from {source}): "
+               f"choose a group count that divides {e}")
+    if m > groups:
+        yield (f"--lossfree-route-max-groups ({m}) must be <= the {limit} groups ({groups}, from {source}): "
+               f"lower M or raise the group count")
+    elif e % groups == 0 and m * (e // groups) < k:
+        yield (f"--lossfree-route-max-groups ({m}) x experts per group ({e // groups}) must be >= "
+               f"--moe-router-topk ({k}): too few experts reachable; raise M")
+    if limit == "node" and k % m:
+        yield (f"--moe-router-topk ({k}) must be divisible by --lossfree-route-max-groups ({m}) for the node "
+               f"rule (node score = sum of the top K/M affinities): pick M dividing {k}")

@@ -31,6 +31,20 @@ CASES = [
      "--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias would both "
      "update the bias: pick one (add --lossfree-balancing none for Megatron's)"),
     (["--preset", "huge"], "--preset (huge) is unknown: use one of tiny-cpu, paper-1b, paper-3b, v2-router, v3-router"),
+    (["--lossfree-route-limit", "node", "--lossfree-route-groups", "3", "--lossfree-route-max-groups", "2"],
+     "--num-experts (16) must be divisible by the node groups (3, from --lossfree-route-groups): choose a group "
+     "count that divides 16"),
+    (["--lossfree-route-limit", "node", "--lossfree-route-groups", "4", "--lossfree-route-max-groups", "8",
+      "--moe-router-topk", "8"],
+     "--lossfree-route-max-groups (8) must be <= the node groups (4, from --lossfree-route-groups): lower M or "
+     "raise the group count"),
+    (["--lossfree-route-limit", "node", "--lossfree-route-groups", "8", "--lossfree-route-max-groups", "3",
+      "--moe-router-topk", "4"],
+     "--moe-router-topk (4) must be divisible by --lossfree-route-max-groups (3) for the node rule (node score "
+     "= sum of the top K/M affinities): pick M dividing 4"),
+    (["--lossfree-route-limit", "device", "--lossfree-route-max-groups", "2"],
+     "--lossfree-route-max-groups (2) must be <= the device groups (1, from the EP size "
+     "(--expert-model-parallel-size)): lower M or raise the group count"),
     (["--num-layers", "three"], "argument --num-layers: invalid int value: 'three': see mlf-pretrain --help"),
 ]
 

@@ -194,3 +194,41 @@ def test_checkpoint_key_is_megatrons_and_recompute_counts_each_token_once(megatr
     for plain, recomputed in zip(counts[False], counts[True]):
         assert int(plain.sum()) == 2 * 16 * K
         assert torch.equal(plain, recomputed)
+
+
+def test_balance_losses_reach_router_weights_not_bias_and_are_logged(megatron_world):
+    from megatron_moe_lossfree import balancing
+
+    cfg = LossFreeConfig(aux_loss_coeff=1e-2, seq_aux_loss_coeff=1e-3, device_loss_coeff=5e-2, comm_loss_coeff=2e-2,
+                         route_max_groups=1)
+    router = make_router(megatron_world, lossfree=cfg)
+    S, B = 4, 3
+    x = torch.randn(S, B, H)
+    probs_TE, _ = router(x)[:2]
+    (probs_TE * 0).sum().backward()  # only the balance losses contribute gradient
+    assert set(router.last_aux_losses) == {"aux_loss", "seq_aux_loss", "device_loss", "comm_loss"}
+    assert router.expert_bias.grad is None
+    # The same losses computed directly on sequence-major tokens give the same gradient.
+    weight = router.weight.detach().clone().requires_grad_(True)
+    scores = torch.sigmoid(x.view(-1, H) @ weight.t())
+    scores_NE = scores.view(S, B, E).transpose(0, 1).reshape(-1, E)
+    biased = scores_NE.detach() + router.expert_bias
+    experts = biased.topk(K, dim=-1).indices
+    total = (balancing.aux_loss(scores_NE, experts, alpha=1e-2, num_sequences=B)
+             + balancing.sequence_aux_loss(scores_NE, balancing.unbiased_topk(scores_NE, K), alpha=1e-3,
+                                           num_sequences=B)
+             + balancing.device_balance_loss(scores_NE, experts, alpha=5e-2, num_devices=1, num_sequences=B)
+             + balancing.comm_balance_loss(scores_NE, experts, alpha=2e-2, num_devices=1, max_devices=1,
+                                           num_sequences=B))
+    total.backward()
+    torch.testing.assert_close(router.weight.grad, weight.grad, rtol=1e-5, atol=1e-8)
+    logged = sum(float(v) for v in router.last_aux_losses.values())
+    assert logged == pytest.approx(float(total), rel=1e-6)
+
+
+def test_losses_are_off_in_eval(megatron_world):
+    router = make_router(megatron_world, lossfree=LossFreeConfig(aux_loss_coeff=1e-2))
+    router.eval()
+    router(torch.randn(2, 2, H))
+    assert router.last_aux_losses == {}
+    assert int(router.eval_tokens_per_expert.sum()) == 4 * K and int(router.local_tokens_per_expert.sum()) == 0
