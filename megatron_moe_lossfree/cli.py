@@ -27,6 +27,9 @@ def _quiet_optional_dependency_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Megatron's advisory UserWarnings (deprecated cuda-graph scope, pad == eod for byte-level BPE) are
+    # about options this entry point does not use.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core\..*")
 
 
 def pretrain_main(argv: Optional[Sequence[str]] = None) -> int:

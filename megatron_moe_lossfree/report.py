@@ -204,59 +204,72 @@ def _figure(num_panels: int = 1, width: float = 7.0, height: float = 4.0):
     return fig, axes[:num_panels]
 
 
-def plot_maxvio(runs: list[RunData], path: str, smooth: int) -> Optional[str]:
+def plot_maxvio(runs: list[RunData], path: str, smooth: int) -> list[str]:
     curves = [(run.label, *series(run.train, "maxvio_batch")) for run in runs]
+    notes = [f"maxvio_batch.png: run {label} logged no maxvio_batch"
+             for label, steps, _ in curves if not len(steps)]
     if not any(len(steps) for _, steps, _ in curves):
-        return "maxvio_batch.png skipped: no run logged maxvio_batch"
+        return ["maxvio_batch.png skipped: no run logged maxvio_batch"]
     fig, (ax,) = _figure()
-    for label, steps, values in curves:
+    for color, (label, steps, values) in zip(_colors(), curves):  # a run keeps its colour in every plot
         if len(steps):
-            ax.plot(steps, moving_average(values, smooth, steps), label=label)
+            ax.plot(steps, moving_average(values, smooth, steps), color=color, label=label)
     ax.set(title=f"MaxVio_batch (mean over MoE layers), trailing mean over {smooth} steps",
            xlabel="training step", ylabel=f"MaxVio_batch, {smooth}-step moving average")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120)
-    return None
+    return notes
 
 
-def plot_load_heatmap(runs: list[RunData], path: str) -> Optional[str]:
+def plot_load_heatmap(runs: list[RunData], path: str) -> list[str]:
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+
     tables = [(run.label, tail_loads(run)) for run in runs]
+    notes = [f"load_heatmap.png: run {label} logged no loads_layers" for label, t in tables if t is None]
     tables = [(label, t) for label, t in tables if t is not None]
     if not tables:
-        return "load_heatmap.png skipped: no run logged loads_layers"
-    vmax = max(2.0, max(float(np.nanmax(t)) for _, t in tables))
+        return ["load_heatmap.png skipped: no run logged loads_layers"]
+    # One colour scale for all runs, white at 1.0 (balanced) however large the worst overload is.
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, max(float(np.nanmax(t)) for _, t in tables)))
     fig, axes = _figure(len(tables), width=5.5, height=4.5)
     for ax, (label, loads_LE) in zip(axes, tables):
-        image = ax.imshow(loads_LE, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=vmax,
-                          interpolation="nearest")
+        num_layers, num_experts = loads_LE.shape
+        image = ax.imshow(loads_LE, aspect="auto", cmap="coolwarm", norm=norm, interpolation="nearest",
+                          extent=(-0.5, num_experts - 0.5, num_layers + 0.5, 0.5))
         ax.set(title=f"{label}: load / mean load (last 10% of logged steps)",
-               xlabel="expert", ylabel="MoE layer")
-        ax.set_yticks(range(loads_LE.shape[0]), [str(i + 1) for i in range(loads_LE.shape[0])])
+               xlabel="expert id", ylabel="MoE layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(image, ax=ax, label="load / mean load (1.0 = balanced)")
     fig.savefig(path, dpi=120)
-    return None
+    return notes
 
 
-def plot_bias(runs: list[RunData], path: str, layer: int) -> Optional[str]:
+def plot_bias(runs: list[RunData], path: str, layer: int) -> list[str]:
     data = [(run.label, bias_series(run, layer)) for run in runs]
+    notes = [f"bias.png: run {label} logged no bias_layers" for label, d in data if d is None]
     data = [(label, d) for label, d in data if d is not None]
     if not data:
-        return "bias.png skipped: no run logged bias_layers"
+        return ["bias.png skipped: no run logged bias_layers"]
     fig, axes = _figure(len(data), width=6.0)
     for ax, (label, (steps, bias_NE, low, high)) in zip(axes, data):
         ax.fill_between(steps, low, high, color="0.85", label="min/max over all layers")
-        ax.plot(steps, bias_NE, linewidth=0.8)
+        lines = ax.plot(steps, bias_NE, linewidth=0.8)
+        if len(lines) <= 8:  # a legend entry per expert only while it stays readable
+            for expert, line in enumerate(lines):
+                line.set_label(f"expert {expert}")
         ax.set(title=f"{label}: expert bias, MoE layer {layer + 1} ({bias_NE.shape[1]} experts)",
                xlabel="training step", ylabel="expert bias")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper left", fontsize="small")
     fig.savefig(path, dpi=120)
-    return None
+    return notes
 
 
-def plot_loss(runs: list[RunData], path: str, smooth: int) -> Optional[str]:
+def plot_loss(runs: list[RunData], path: str, smooth: int) -> list[str]:
     window = max(1, smooth // 10)  # light smoothing: the curve shape stays visible
     fig, (ax,) = _figure()
     drawn = False
@@ -270,13 +283,13 @@ def plot_loss(runs: list[RunData], path: str, smooth: int) -> Optional[str]:
             ax.plot(v_steps, v_loss, "o", color=color, markeredgecolor="black", label=f"{run.label} valid")
             drawn = True
     if not drawn:
-        return "loss.png skipped: no run logged a loss"
+        return ["loss.png skipped: no run logged a loss"]
     ax.set(title=f"Loss: train ({window}-step moving average) and validation (points)",
            xlabel="training step", ylabel="cross-entropy loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120)
-    return None
+    return []
 
 
 def _colors():
@@ -304,10 +317,9 @@ def write_report(runs: list[RunData], out_dir: str, *, smooth: int = 100, bias_l
     files, notes = [], []
     for name, plot in plots.items():
         path = os.path.join(out_dir, name)
-        note = plot(path)
-        if note:
-            notes.append(note)
-        else:
+        plot_notes = plot(path)
+        notes += plot_notes
+        if not any(n.startswith(f"{name} skipped") for n in plot_notes):
             files.append(path)
     notes += [f"{run.label}: skipped {run.bad_lines} unreadable line(s) of metrics.jsonl"
               for run in runs if run.bad_lines]

@@ -15,6 +15,7 @@ count that drives the V3 freeze schedule.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -37,6 +38,16 @@ def count_reduction_group(sequence_parallel: bool):
     if sequence_parallel or ps.get_tensor_model_parallel_world_size() == 1:
         return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
     return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+class BiasInconsistencyError(RuntimeError):
+    """Ranks that must hold the same bias disagree: names the layer and the ranks."""
+
+
+def bias_checksum(bias: torch.Tensor) -> int:
+    """An exact fingerprint of an fp32 bias: its bit patterns, position-weighted, summed in int64."""
+    bits = bias.detach().float().contiguous().view(torch.int32).long()
+    return int((bits * torch.arange(1, bits.numel() + 1)).sum())
 
 
 class BiasBalancer:
@@ -85,12 +96,47 @@ class BiasBalancer:
                     if router.expert_bias is not None and self.lossfree.balancing == "bias":
                         router.expert_bias.copy_(balancing.update_bias(
                             router.expert_bias, counts_E, rule=self.lossfree.update_rule, rate=rate))
+                        self.warn_large_bias(router)
                     router.local_tokens_per_expert.zero_()
         self.last_micro_batch_counts = [torch.stack(r.micro_batch_counts) if r.micro_batch_counts else None
                                         for r in self.routers]
         for router in self.routers:
             router.micro_batch_counts = []
         self.steps += 1
+        every = self.lossfree.check_consistency
+        if every and self.steps % every == 0:
+            self.check_consistency()
+
+    def warn_large_bias(self, router) -> None:
+        """Warn once per layer when |bias| exceeds the configured bound (a sign of a stuck expert)."""
+        bound = self.lossfree.bias_warn_bound
+        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
+        peak = float((router.expert_bias - reference).abs().max())
+        if peak > bound and not getattr(router, "_bias_warned", False):
+            router._bias_warned = True
+            warnings.warn(f"expert_bias of {router.layer_name()} reached |b - {reference:g}| = {peak:.4g} > "
+                          f"--lossfree-bias-warn-bound ({bound:g}) at step {self.steps + 1}: an expert may be "
+                          f"starved or the update rate too high", RuntimeWarning, stacklevel=2)
+
+    def check_consistency(self) -> None:
+        """All-gather every layer's bias checksum over the ranks of this pipeline stage; fail on mismatch."""
+        if not self.routers or self.group is None or not dist.is_initialized():
+            return
+        local = torch.tensor([bias_checksum(r.expert_bias) if r.expert_bias is not None else 0
+                              for r in self.routers], dtype=torch.int64)
+        size = dist.get_world_size(self.group)
+        gathered = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(gathered, local, group=self.group)
+        ranks = dist.get_process_group_ranks(self.group)
+        table = torch.stack(gathered)
+        for i, router in enumerate(self.routers):
+            column = table[:, i]
+            if not bool((column == column[0]).all()):
+                differ = [ranks[j] for j in range(size) if column[j] != column[0]]
+                raise BiasInconsistencyError(
+                    f"expert_bias of {router.layer_name()} differs across ranks at step {self.steps}: ranks "
+                    f"{differ} disagree with rank {ranks[0]}; the count all-reduce group is misconfigured or "
+                    f"a rank loaded another checkpoint")
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "steps": self.steps}

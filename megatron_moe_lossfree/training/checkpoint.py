@@ -12,7 +12,6 @@ import os
 import shutil
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron_moe_lossfree.errors import LossFreeConfigError
@@ -107,15 +106,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: Optional[
     template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     try:
         state = dist_checkpointing.load(template, path)
-    except Exception as exc:  # dist_checkpointing raises CheckpointingException / KeyError with long text
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        hint = ""
-        if "expert_bias" in str(exc):
-            hint = (" (the checkpoint has no expert_bias: it was saved without bias balancing; add "
-                    "--lossfree-balancing none, or start a fresh run)")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
         raise LossFreeConfigError(
-            f"--load checkpoint {path} does not match this model{hint}: {first}: use the same model shape "
-            f"and parallel layout flags as the run that saved it") from None
+            f"--load checkpoint {path} does not match this model{_mismatch_hint(str(exc))}: use the same model "
+            f"shape and parallel layout flags as the run that saved it") from None
     unwrap(model).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     common = dist_checkpointing.load_common_state_dict(path)
@@ -123,5 +119,17 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: Optional[
     return common
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+def _mismatch_hint(text: str) -> str:
+    """The useful line of dist_checkpointing's multi-rank error text."""
+    import re
+
+    missing = re.search(r"([\w.]+) from model not in state dict", text)
+    if missing and missing.group(1).endswith("expert_bias"):
+        return (" (the checkpoint has no expert_bias: it was saved without bias balancing; add "
+                "--lossfree-balancing none, or start a fresh run)")
+    if missing:
+        return f" ({missing.group(1)} is not in the checkpoint)"
+    shape = re.search(r"(Global shape mismatch[^\n]{0,200})", text)
+    if shape:
+        return f" ({shape.group(1)})"
+    return f" ({text.strip().splitlines()[0][:200]})" if text.strip() else ""

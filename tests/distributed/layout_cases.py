@@ -1,0 +1,130 @@
+"""Per-rank case functions of the layout-equivalence tests (run by ``harness.launch_cases``).
+
+Recipe (the oracle is one process on the same global batch from the same initial weights):
+1. ``reference_case`` (1 rank): build the tiny model, save it at step 0, then -- like every layout --
+   load that step-0 checkpoint, train ``STEPS`` optimizer steps and save the result at step ``STEPS``.
+2. ``layout_case`` (N ranks): load the step-0 checkpoint under the layout (dist_checkpointing reshards),
+   train ``STEPS`` steps on the same global batches (``iterate_micro_batches`` gives each DP rank its
+   contiguous share), then load the reference's final checkpoint into this layout's shards and report
+   the per-tensor max |difference| of every local parameter and buffer (expert_bias included), the
+   losses and the all-reduced expert counts of every step.
+Results are plain dicts (picklable); the tests compare them with stated tolerances.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+STEPS = 2
+
+# A tiny GPT-MoE: layer 1 dense, layers 2-4 MoE (8 experts, top-2, a shared expert), fp32.
+# --clip-grad 1.0 keeps Megatron's distributed grad-norm (TP/PP/EP-aware) in the comparison.
+TINY_MODEL = [
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--ffn-hidden-size", "128",
+    "--moe-ffn-hidden-size", "64", "--num-experts", "8", "--moe-router-topk", "2",
+    "--moe-shared-expert-intermediate-size", "64", "--moe-first-dense-layers", "1",
+    "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8", "--vocab-size", "4096",
+    "--lr", "1e-3", "--clip-grad", "1.0", "--train-iters", str(STEPS), "--eval-iters", "0",
+    "--log-interval", "1", "--no-progress", "--lossfree-update-rate", "1e-2",
+]
+
+
+def _parse(flags: Sequence[str], out: str):
+    from megatron_moe_lossfree.training.arguments import parse_args
+
+    return parse_args([*TINY_MODEL, *flags, "--out", out])
+
+
+def _routers_by_layer(trainer) -> dict:
+    return {r.layer_number: r for r in trainer.balancer.routers}
+
+
+def _train(trainer) -> dict:
+    """``STEPS`` optimizer steps; losses (None off the last stage) and each step's global counts."""
+    losses, counts = [], []
+    for _ in range(STEPS):
+        losses.append(trainer.train_step())
+        counts.append({r.layer_number: c.tolist() for r, c in zip(trainer.balancer.routers,
+                                                                    trainer.balancer.last_counts)})
+    biases = {n: r.expert_bias.tolist() for n, r in _routers_by_layer(trainer).items()}
+    return {"losses": losses, "counts": counts, "expert_bias": biases}
+
+
+def _diff_against_checkpoint(trainer, path: str) -> dict:
+    """Max |this rank's tensor - the checkpoint's matching shard| for every local state-dict tensor."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_moe_lossfree.training.checkpoint import unwrap
+
+    module = unwrap(trainer.model)
+    mine = {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
+    diffs = {}
+    for key, value in mine.items():
+        other = loaded[key]
+        if other.shape != value.shape:
+            raise AssertionError(f"{key}: checkpoint shard {tuple(other.shape)} vs local {tuple(value.shape)}")
+        diffs[key] = float((value.double() - other.double()).abs().max()) if value.numel() else 0.0
+    return diffs
+
+
+def _setup(flags: Sequence[str], out: str):
+    from megatron_moe_lossfree.training.pretrain import setup
+
+    args = _parse(flags, out)
+    return setup(args)
+
+
+def reference_case(workdir: str) -> dict:
+    """One process: step-0 checkpoint of fresh weights, then the reference run from it."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_moe_lossfree.training.checkpoint import checkpoint_dir, save_checkpoint
+    from megatron_moe_lossfree.training.pretrain import plugin_state
+
+    init = _setup([], os.path.join(workdir, "out-init"))
+    save_checkpoint(os.path.join(workdir, "init"), 0, init.model, init.optimizer, init.scheduler,
+                    plugin_state(init))
+    init.logger.close()
+    ps.destroy_model_parallel()
+
+    trainer = _setup(["--load", os.path.join(workdir, "init")], os.path.join(workdir, "out-reference"))
+    result = _train(trainer)
+    final = save_checkpoint(os.path.join(workdir, "reference"), STEPS, trainer.model, trainer.optimizer,
+                            trainer.scheduler, plugin_state(trainer))
+    assert final == checkpoint_dir(os.path.join(workdir, "reference"), STEPS)
+    # The comparison mechanism itself: the reference against its own checkpoint differs by exactly 0.
+    result["self_diff"] = _diff_against_checkpoint(trainer, final)
+    trainer.logger.close()
+    return result
+
+
+def layout_case(workdir: str, name: str, flags: Sequence[str]) -> dict:
+    """This layout from the reference's step-0 weights; its diffs to the reference's final weights."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_moe_lossfree.training.checkpoint import checkpoint_dir
+
+    trainer = _setup([*flags, "--load", os.path.join(workdir, "init")], os.path.join(workdir, f"out-{name}"))
+    result = _train(trainer)
+    result["diff"] = _diff_against_checkpoint(trainer, checkpoint_dir(os.path.join(workdir, "reference"), STEPS))
+    result["layout"] = dict(tp=ps.get_tensor_model_parallel_world_size(),
+                            pp=ps.get_pipeline_model_parallel_world_size(),
+                            ep=ps.get_expert_model_parallel_world_size(),
+                            etp=ps.get_expert_tensor_parallel_world_size(),
+                            dp=ps.get_data_parallel_world_size())
+    trainer.logger.close()
+    return result
+
+
+def last_stage_losses(per_rank: list) -> Optional[list]:
+    """The losses every last-pipeline-stage rank reported (they must agree); None if none did."""
+    reported = [r["losses"] for r in per_rank if r["losses"][0] is not None]
+    if not reported:
+        return None
+    for other in reported[1:]:
+        assert other == reported[0], f"last-stage ranks disagree on the loss: {reported}"
+    return reported[0]
