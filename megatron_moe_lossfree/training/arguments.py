@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
                    help="use Megatron-Core's own TopKRouter and bias update instead of the plugin's")
     g.add_argument("--bf16", action="store_true")
+    g.add_argument("--transformer-impl", default="local", metavar="{local,transformer_engine}",
+                   help="local: Megatron's local spec (CPU and GPU); transformer_engine: TE spec with grouped "
+                        "expert GEMMs (GPU, needs the [te] extra)")
+    g.add_argument("--fp8-format", default=None, metavar="{e4m3,hybrid}", help="FP8 GEMMs through TE (GPU)")
+    g.add_argument("--fp8-recipe", default="delayed", metavar="{delayed,tensorwise,blockwise,mxfp8}")
     g.add_argument("--recompute-activations", action="store_true",
                    help="full activation recompute of every layer (Megatron's recompute_granularity=full)")
     t = p.add_argument_group("training")
@@ -99,6 +104,13 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     problems = list(_violations(args))
+    if not problems:
+        from megatron_moe_lossfree.megatron.te import check_te_request
+
+        try:
+            check_te_request(args.transformer_impl, args.fp8_format, args.fp8_recipe)
+        except LossFreeConfigError as err:
+            problems.append(str(err))
     try:
         args.lossfree = lossfree_config_from_args(args)
     except LossFreeConfigError as err:
@@ -156,6 +168,8 @@ def _violations(a: argparse.Namespace):
         yield ("--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias "
                "would both update the bias: pick one (add --lossfree-balancing none for Megatron's)")
     yield from _route_limit_violations(a)
+    if a.transformer_impl not in ("local", "transformer_engine"):
+        yield f"--transformer-impl ({a.transformer_impl}) must be local or transformer_engine"
     if a.seq_length > a.max_position_embeddings:
         yield (f"--seq-length ({a.seq_length}) must be <= --max-position-embeddings "
                f"({a.max_position_embeddings})")

@@ -91,7 +91,32 @@ def step_metrics(trainer) -> dict:
     if len(compute) == len(maxvio):
         out["maxvio_compute"] = sum(compute) / len(compute)
     out.update(aux_loss_metrics(trainer))
+    out.update(drop_metrics(trainer))
     return out
+
+
+def drop_metrics(trainer) -> dict:
+    """drop_fraction: dropped / assigned (token, expert) pairs, summed over all MoE layers, since the
+    previous call (the counters reset here). Reduced over the balancer's group (the ranks that route
+    distinct tokens) and the pipeline stages."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
+
+    if getattr(getattr(trainer.config, "lossfree", None), "drop", "none") == "none":
+        return {}
+    layers = find_lossfree_layers(trainer.model)
+    totals = torch.zeros(2, dtype=torch.int64)
+    for layer in layers:
+        totals += torch.stack([layer.local_dropped, layer.local_assigned]).cpu()
+        layer.reset_drop_counts()
+    group = trainer.balancer.group
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    dropped, assigned = int(totals[0]), int(totals[1])
+    return {"drop_fraction": dropped / assigned} if assigned else {}
 
 
 def aux_loss_metrics(trainer) -> dict:

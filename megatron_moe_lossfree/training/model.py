@@ -9,6 +9,7 @@ import torch
 
 def transformer_config_from_args(args: argparse.Namespace):
     """Megatron's TransformerConfig, fields named as Megatron names them."""
+    from megatron_moe_lossfree.megatron.te import fp8_config_fields
     from megatron_moe_lossfree.megatron.transformer_config import LossFreeTransformerConfig
 
     dense = args.moe_first_dense_layers
@@ -25,7 +26,8 @@ def transformer_config_from_args(args: argparse.Namespace):
         moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
         moe_router_bias_update_rate=args.lossfree_update_rate,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type, moe_grouped_gemm=False,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_grouped_gemm=args.transformer_impl == "transformer_engine",  # TEGroupedMLP experts
         moe_router_dtype="fp32",
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -39,6 +41,7 @@ def transformer_config_from_args(args: argparse.Namespace):
         recompute_granularity="full" if args.recompute_activations else None,
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
+        **fp8_config_fields(args.fp8_format, args.fp8_recipe),
     )
 
 
@@ -50,7 +53,8 @@ def build_model(args: argparse.Namespace, config, vocab_size: int):
 
     from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec
 
-    spec = get_lossfree_block_spec(config, use_plugin=not args.moe_router_enable_expert_bias)
+    spec = get_lossfree_block_spec(config, use_plugin=not args.moe_router_enable_expert_bias,
+                                   use_transformer_engine=args.transformer_impl == "transformer_engine")
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                      max_sequence_length=args.max_position_embeddings,
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

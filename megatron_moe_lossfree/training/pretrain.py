@@ -91,8 +91,13 @@ class Trainer:
 
     # -- one micro-batch ------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
+        from megatron_moe_lossfree.megatron import exempt
+
         batch = next(data_iterator)
+        # V2 exempt sequences travel with this micro-batch, also into its recompute (exempt.py).
+        scope = exempt.begin_micro_batch(model, batch["sample_ids"], step=self.step)
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+        output = scope.bind(output)
         loss_mask = batch["loss_mask"].float()
 
         def loss_func(output_tensor):
@@ -156,6 +161,9 @@ def setup(args: argparse.Namespace) -> Trainer:
     cpu_runtime.activate()
     init_distributed()
     check_world(args, dist.get_world_size())
+    from megatron_moe_lossfree.megatron.moe_layer import validate_dropping
+
+    validate_dropping(args)  # before building anything: names flag, value and fix; warns on EP = 1 device
 
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads

@@ -162,16 +162,26 @@ def _wait(procs, logs, workdir: str, deadline: float, timeout_s: float) -> None:
         time.sleep(_POLL_S)
 
 
-def run_torchrun(argv: Sequence[str], nproc: int, *, timeout_s: float = 300.0,
-                 module: str = "megatron_moe_lossfree") -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGV`` on a free port.
+@dataclass
+class TorchrunResult:
+    cmd: list
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_seconds: float
 
-    Returns the completed process (stdout/stderr captured as text); on timeout kills torchrun and its
-    workers (one process group) and raises ``RankFailure`` with the output so far.
+
+def run_torchrun(argv: Sequence[str], nproc: int, *, timeout_s: float = 300.0,
+                 module: str = "megatron_moe_lossfree") -> TorchrunResult:
+    """``python -m torch.distributed.run --nproc-per-node N -m MODULE ARGV`` on a free local port.
+
+    Output is captured as text. On timeout, torchrun and its workers (one process group) are killed
+    and ``RankFailure`` carries the output so far.
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *argv]
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    start = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True, text=True)
         try:
@@ -184,7 +194,7 @@ def run_torchrun(argv: Sequence[str], nproc: int, *, timeout_s: float = 300.0,
         finally:
             _kill_group(proc)
         out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        return TorchrunResult(cmd, proc.returncode, out.read(), err.read(), time.time() - start)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -78,6 +78,15 @@ def _setup(flags: Sequence[str], out: str):
     return setup(args)
 
 
+def _init_adam_state(optimizer) -> None:
+    """Adam's state is created lazily at the first step; a step-0 checkpoint needs it to be loadable
+    with the optimizer. These are the values torch's Adam starts from (zeros, step 0)."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        part.init_state_fn(part.optimizer, part.config)
+        for state in part.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+
+
 def reference_case(workdir: str) -> dict:
     """One process: step-0 checkpoint of fresh weights, then the reference run from it."""
     from megatron.core import parallel_state as ps
@@ -86,6 +95,7 @@ def reference_case(workdir: str) -> dict:
     from megatron_moe_lossfree.training.pretrain import plugin_state
 
     init = _setup([], os.path.join(workdir, "out-init"))
+    _init_adam_state(init.optimizer)
     save_checkpoint(os.path.join(workdir, "init"), 0, init.model, init.optimizer, init.scheduler,
                     plugin_state(init))
     init.logger.close()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Exact command: bash examples/gpu_fp8_pretrain.sh [NUM_GPUS]
+# Hardware: 1-8 NVIDIA GPUs with FP8 (Hopper/Ada for tensorwise, Blackwell for mxfp8), Transformer Engine
+# installed (pip install 'megatron_moe_lossfree[te]'). Prints the same table as the CPU demo (step, loss,
+# lr, tokens/s, MaxVio_batch) and validation perplexity; writes runs/gpu_fp8/.
+# Status: NOT yet run on a GPU by the project (no GPU machine was available); see README.
+set -euo pipefail
+NGPU=${1:-1}
+torchrun --nproc-per-node "$NGPU" -m megatron_moe_lossfree pretrain --preset tiny-cpu \
+  --hidden-size 512 --num-attention-heads 8 --ffn-hidden-size 2048 --moe-ffn-hidden-size 512 \
+  --seq-length 512 --micro-batch-size 8 --global-batch-size $((8 * NGPU)) --train-iters 300 \
+  --expert-model-parallel-size "$NGPU" --bf16 \
+  --transformer-impl transformer_engine --fp8-format hybrid --fp8-recipe tensorwise \
+  --out runs/gpu_fp8
