@@ -4,7 +4,10 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test setup bench clean
+VENV_NEXT ?= .venv-mcore019
+PY_NEXT    = $(VENV_NEXT)/bin/python
+
+.PHONY: demo test test-next setup bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +25,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q
 
+# Second lane: megatron-core 0.19.2 declares Python >= 3.12; it installs and runs on 3.11 with
+# --ignore-requires-python and numpy<2.5 (0.19's triton import is covered by compat.py's placeholder).
+$(VENV_NEXT)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_NEXT)
+	$(PY_NEXT) -m pip install --quiet --upgrade pip
+	$(PY_NEXT) -m pip install --quiet torch==2.13.0
+	$(PY_NEXT) -m pip install --quiet --ignore-requires-python megatron-core==0.19.2 'numpy<2.5'
+	$(PY_NEXT) -m pip install --quiet --ignore-requires-python -e '.[dev]'
+	touch $(VENV_NEXT)/.installed
+
+test-next: $(VENV_NEXT)/.installed
+	TORCHDYNAMO_DISABLE=1 $(PY_NEXT) -m pytest -q $(NEXT_TESTS)
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_NEXT) runs

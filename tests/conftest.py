@@ -25,3 +25,11 @@ def megatron_world():
         ps.initialize_model_parallel()
     compat.seed_model_parallel_rng(1234)
     yield dist
+
+
+def pytest_report_header(config):
+    from importlib.metadata import version
+
+    import torch
+
+    return f"megatron-core {version('megatron-core')}, torch {torch.__version__}"

@@ -115,6 +115,7 @@ class LossFreeMoELayer(MoELayer):
 
     def apply_dropping(self, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, *, num_sequences: int):
         """Zero the probs of dropped assignments and remove them from the routing map."""
+        counting = self.training and torch.is_grad_enabled()  # decided outside the no_grad block
         with torch.no_grad():
             experts_TK = selected_experts(routing_map_TE, self.config.moe_router_topk)
             gates_TK = probs_TE.detach().gather(1, experts_TK)
@@ -123,7 +124,8 @@ class LossFreeMoELayer(MoELayer):
             else:
                 keep_TK = self.device_keep_mask(gates_TK, experts_TK, num_sequences)
             keep_TE = torch.zeros_like(routing_map_TE).scatter_(1, experts_TK, keep_TK)
-            self.count_drops(keep_TK)
+            if counting:
+                self.count_drops(keep_TK)
             self.last_keep_TK = keep_TK
         return probs_TE * keep_TE, routing_map_TE & keep_TE
 
@@ -193,10 +195,10 @@ class LossFreeMoELayer(MoELayer):
 
     # -- drop fraction ------------------------------------------------------------------------------
     def count_drops(self, keep_TK: torch.Tensor) -> None:
-        """Once per token and step: only training forwards with grad (the router's counting rule)."""
-        if self.training and torch.is_grad_enabled():
-            self.local_assigned += keep_TK.numel()
-            self.local_dropped += int((~keep_TK).sum())
+        """Called for training forwards with grad only (the router's counting rule): once per token
+        and step, also under activation recompute (its first, no-grad forward is not counted)."""
+        self.local_assigned += keep_TK.numel()
+        self.local_dropped += int((~keep_TK).sum())
 
     def reset_drop_counts(self) -> None:
         self.local_assigned.zero_()

@@ -2,8 +2,8 @@
 
 Recipe (the oracle is one process on the same global batch from the same initial weights):
 1. ``reference_case`` (1 rank): build the tiny model, save it at step 0, then -- like every layout --
-   load that step-0 checkpoint, train ``STEPS`` optimizer steps and save the result at step ``STEPS``.
-2. ``layout_case`` (N ranks): load the step-0 checkpoint under the layout (dist_checkpointing reshards),
+   load those step-0 weights, train ``STEPS`` optimizer steps and save the result at step ``STEPS``.
+2. ``layout_case`` (N ranks): load the step-0 weights under the layout (dist_checkpointing reshards),
    train ``STEPS`` steps on the same global batches (``iterate_micro_batches`` gives each DP rank its
    contiguous share), then load the reference's final checkpoint into this layout's shards and report
    the per-tensor max |difference| of every local parameter and buffer (expert_bias included), the
@@ -19,6 +19,13 @@ from typing import Optional, Sequence
 import torch
 
 STEPS = 2
+# Adam's eps for these runs (Megatron's default is 1e-8). Adam's first update is lr * g / (|g| + eps):
+# for the few elements whose gradient is a cancellation residue (|g| ~ 1e-9 where typical |g| ~ 3e-3),
+# fp32 summation order alone moves that update by up to ~0.1 lr. Measured with eps 1e-8: one process
+# with micro-batch 1 vs 2 differs by 8.5e-5 on 2 of 829,528 weights (the TP2 layout by 9.4e-5, on the
+# same tensor). With eps 1e-6 the update is Lipschitz in g (lr / eps = 1e3), rounding stays ~1e-6,
+# and a real layout bug (a wrong shard or reduction) still moves thousands of weights by ~lr.
+ADAM_EPS = 1e-6
 
 # A tiny GPT-MoE: layer 1 dense, layers 2-4 MoE (8 experts, top-2, a shared expert), fp32.
 # --clip-grad 1.0 keeps Megatron's distributed grad-norm (TP/PP/EP-aware) in the comparison.
@@ -75,16 +82,38 @@ def _setup(flags: Sequence[str], out: str):
     from megatron_moe_lossfree.training.pretrain import setup
 
     args = _parse(flags, out)
-    return setup(args)
+    trainer = setup(args)
+    for part in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for group in part.optimizer.param_groups:
+            group["eps"] = ADAM_EPS
+    return trainer
 
 
-def _init_adam_state(optimizer) -> None:
-    """Adam's state is created lazily at the first step; a step-0 checkpoint needs it to be loadable
-    with the optimizer. These are the values torch's Adam starts from (zeros, step 0)."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        part.init_state_fn(part.optimizer, part.config)
-        for state in part.optimizer.state.values():
-            state.setdefault("step", torch.tensor(0.0, dtype=torch.float32))
+def warm_up() -> None:
+    """Start-up work of every rank (timed apart from the cases): CPU runtime and the heavy imports."""
+    from megatron_moe_lossfree.megatron import cpu_runtime
+
+    cpu_runtime.activate()
+    import megatron.core.dist_checkpointing  # noqa: F401
+    import megatron.core.models.gpt.gpt_model  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
+
+    import megatron_moe_lossfree.training.pretrain  # noqa: F401
+
+
+def _load_weights(trainer, path: str) -> None:
+    """Model weights only (buffers such as expert_bias included) from ``path``, resharded to this layout.
+
+    The optimizer stays fresh on both sides: Megatron 0.16 cannot round-trip Adam's state at step 0
+    (``FP32Optimizer.sharded_state_dict`` keeps the shared step only ``if step:``, and 0 is falsy).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_moe_lossfree.training.checkpoint import unwrap
+
+    module = unwrap(trainer.model)
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
+    module.load_state_dict(state, strict=True)
 
 
 def reference_case(workdir: str) -> dict:
@@ -95,13 +124,13 @@ def reference_case(workdir: str) -> dict:
     from megatron_moe_lossfree.training.pretrain import plugin_state
 
     init = _setup([], os.path.join(workdir, "out-init"))
-    _init_adam_state(init.optimizer)
     save_checkpoint(os.path.join(workdir, "init"), 0, init.model, init.optimizer, init.scheduler,
                     plugin_state(init))
     init.logger.close()
     ps.destroy_model_parallel()
 
-    trainer = _setup(["--load", os.path.join(workdir, "init")], os.path.join(workdir, "out-reference"))
+    trainer = _setup([], os.path.join(workdir, "out-reference"))
+    _load_weights(trainer, checkpoint_dir(os.path.join(workdir, "init"), 0))
     result = _train(trainer)
     final = save_checkpoint(os.path.join(workdir, "reference"), STEPS, trainer.model, trainer.optimizer,
                             trainer.scheduler, plugin_state(trainer))
@@ -118,7 +147,8 @@ def layout_case(workdir: str, name: str, flags: Sequence[str]) -> dict:
 
     from megatron_moe_lossfree.training.checkpoint import checkpoint_dir
 
-    trainer = _setup([*flags, "--load", os.path.join(workdir, "init")], os.path.join(workdir, f"out-{name}"))
+    trainer = _setup(flags, os.path.join(workdir, f"out-{name}"))
+    _load_weights(trainer, checkpoint_dir(os.path.join(workdir, "init"), 0))
     result = _train(trainer)
     result["diff"] = _diff_against_checkpoint(trainer, checkpoint_dir(os.path.join(workdir, "reference"), STEPS))
     result["layout"] = dict(tp=ps.get_tensor_model_parallel_world_size(),

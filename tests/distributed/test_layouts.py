@@ -4,8 +4,9 @@ The reference (1 rank) saves its fresh weights at step 0 and trains ``STEPS`` st
 layout loads that step-0 checkpoint (dist_checkpointing reshards it), trains the same steps, and
 compares against the reference's final checkpoint loaded into the layout's own shards. All fp32.
 
-Tolerances (2 Adam steps, lr 1e-3, grad clipping on): TP/PP/EP/DP only change the order of fp32
-reductions, so differences stay at rounding level:
+Tolerances (2 Adam steps, lr 1e-3, grad clipping on, Adam eps 1e-6 -- see ``layout_cases.ADAM_EPS``
+for why not 1e-8): TP/PP/EP/DP only change the order of fp32 reductions, so differences stay at
+rounding level:
 - loss per step: relative 1e-5;
 - every parameter: absolute 1e-5 (one Adam step moves a weight by at most ~lr = 1e-3);
 - expert_bias and the all-reduced expert counts of every step: exact (the counts are integers and the
@@ -70,7 +71,8 @@ class _Launches:
         if self._reference is None:
             launch = harness.launch_cases(
                 [Case("reference", layout_cases.reference_case, dict(workdir=self.workdir))], 1,
-                timeout_s=LAUNCH_TIMEOUT_S, workdir=f"{self.workdir}/launch-1")
+                timeout_s=LAUNCH_TIMEOUT_S, workdir=f"{self.workdir}/launch-1",
+                warm_up=layout_cases.warm_up)
             self._note(launch)
             self._reference = launch.results["reference"][0]
         return self._reference
@@ -82,7 +84,7 @@ class _Launches:
                           dict(workdir=self.workdir, name=n, flags=layout_flags(tp, pp, ep, etp, disp)))
                      for n, w, tp, pp, ep, etp, disp in LAYOUTS if w == world]
             launch = harness.launch_cases(cases, world, timeout_s=LAUNCH_TIMEOUT_S,
-                                          workdir=f"{self.workdir}/launch-{world}")
+                                          workdir=f"{self.workdir}/launch-{world}", warm_up=layout_cases.warm_up)
             self._note(launch)
             self.by_world[world] = launch
         return self.by_world[world].results[name]
