@@ -83,6 +83,10 @@ class BiasBalancer:
         return list(local.split([r.local_tokens_per_expert.numel() for r in self.routers]))
 
     def step(self) -> None:
+        flags = torch.stack([r.nonfinite_logits for r in self.routers]) if self.routers else None
+        if flags is not None and bool(flags.any()):  # one host sync per step for all layers
+            for router in self.routers:
+                router.raise_if_nonfinite(self.steps + 1)
         counts = self.reduce_counts()
         self.last_counts = counts
         if counts:
@@ -90,14 +94,10 @@ class BiasBalancer:
             # the first N tokens); every MoE layer routes every token of the step exactly K times.
             rate = self.schedule.rate_at(self.tokens_seen)
             self.tokens_seen += int(counts[0].sum()) // self.topk
-            with torch.no_grad():
-                for router, counts_E in zip(self.routers, counts):
-                    router.check_finite(counts_E.double(), "token counts")
-                    if router.expert_bias is not None and self.lossfree.balancing == "bias":
-                        router.expert_bias.copy_(balancing.update_bias(
-                            router.expert_bias, counts_E, rule=self.lossfree.update_rule, rate=rate))
-                        self.warn_large_bias(router)
-                    router.local_tokens_per_expert.zero_()
+            if self.lossfree.balancing == "bias":
+                self.update_biases(counts, rate)
+            for router in self.routers:
+                router.local_tokens_per_expert.zero_()
         self.last_micro_batch_counts = [torch.stack(r.micro_batch_counts) if r.micro_batch_counts else None
                                         for r in self.routers]
         for router in self.routers:
@@ -107,11 +107,29 @@ class BiasBalancer:
         if every and self.steps % every == 0:
             self.check_consistency()
 
-    def warn_large_bias(self, router) -> None:
+    @torch.no_grad()
+    def update_biases(self, counts: list[torch.Tensor], rate: float) -> None:
+        """Apply the rule to every layer: one vectorised ``update_bias`` per distinct expert count
+        (normally one call for the whole model), then the large-bias check on the stacked result."""
+        by_width: dict[int, list[int]] = {}
+        for i, router in enumerate(self.routers):
+            if router.expert_bias is not None:
+                by_width.setdefault(router.expert_bias.numel(), []).append(i)
+        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
+        for members in by_width.values():
+            bias_LE = torch.stack([self.routers[i].expert_bias for i in members])
+            counts_LE = torch.stack([counts[i] for i in members])
+            new_LE = balancing.update_bias(bias_LE, counts_LE, rule=self.lossfree.update_rule, rate=rate)
+            for i, row in zip(members, new_LE):
+                self.routers[i].expert_bias.copy_(row)
+            peaks_L = (new_LE - reference).abs().amax(dim=-1)
+            if bool((peaks_L > self.lossfree.bias_warn_bound).any()):
+                for i, peak in zip(members, peaks_L.tolist()):
+                    self.warn_large_bias(self.routers[i], peak, reference)
+
+    def warn_large_bias(self, router, peak: float, reference: float) -> None:
         """Warn once per layer when |bias| exceeds the configured bound (a sign of a stuck expert)."""
         bound = self.lossfree.bias_warn_bound
-        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
-        peak = float((router.expert_bias - reference).abs().max())
         if peak > bound and not getattr(router, "_bias_warned", False):
             router._bias_warned = True
             warnings.warn(f"expert_bias of {router.layer_name()} reached |b - {reference:g}| = {peak:.4g} > "

@@ -51,10 +51,9 @@ class LossFreeRouter(TopKRouter):
                              persistent=False)
         # Per micro-batch local counts of this step (MaxVio_computation-batch); cleared by the balancer.
         self.micro_batch_counts: list[torch.Tensor] = []
-        # Set by the MoE layer before routing (device-limited routing needs the EP layout) and by
-        # the training loop (step, for error messages).
+        self.register_buffer("nonfinite_logits", torch.zeros((), dtype=torch.bool), persistent=False)
+        # Set by the MoE layer (device-limited routing and the V2 losses need the EP layout).
         self.ep_size = 1
-        self.step: Optional[int] = None
         self.last_aux_losses: dict[str, torch.Tensor] = {}
 
     # -- fp32 bias under bf16/fp16 wrappers ---------------------------------------------------------
@@ -105,7 +104,7 @@ class LossFreeRouter(TopKRouter):
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **kwargs):
         seq_length, batch = logits.shape[:2]
         logits_TE = logits.view(-1, self.config.num_moe_experts)
-        self.check_finite(logits_TE, "router logits")
+        self.note_nonfinite(logits_TE)
         logits_TE = self.apply_z_loss(logits_TE)
         scores_TE = routing.compute_scores(logits_TE, self.score_function)
         gates_TK, experts_TK = self.select(scores_TE)
@@ -160,9 +159,15 @@ class LossFreeRouter(TopKRouter):
             self.last_aux_losses[name] = loss.detach()
         return gates_TK
 
-    def check_finite(self, tensor: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(tensor).all():
-            step = f" at step {self.step}" if self.step is not None else ""
+    def note_nonfinite(self, logits_TE: torch.Tensor) -> None:
+        """Remember NaN/inf logits without a host sync; ``raise_if_nonfinite`` reports once per step."""
+        with torch.no_grad():
+            self.nonfinite_logits |= ~torch.isfinite(logits_TE).all()
+
+    def raise_if_nonfinite(self, step: Optional[int] = None) -> None:
+        if bool(self.nonfinite_logits):
+            self.nonfinite_logits.zero_()
+            at = f" at step {step}" if step is not None else ""
             raise NonFiniteRouterError(
-                f"{what} of {self.layer_name()}{step} contain NaN or inf: lower the learning rate, "
+                f"router logits of {self.layer_name()}{at} contain NaN or inf: lower the learning rate, "
                 f"enable gradient clipping (--clip-grad 1.0), or check the input data")

@@ -116,15 +116,19 @@ def test_multiplicative_bias_starts_at_one(megatron_world):
     assert torch.equal(router.expert_bias, torch.ones(E))
 
 
-def test_nonfinite_logits_name_the_layer(megatron_world):
+def test_nonfinite_logits_name_the_layer_and_step(megatron_world):
+    from megatron_moe_lossfree.megatron.balancer import BiasBalancer
     from megatron_moe_lossfree.megatron.router import NonFiniteRouterError
 
-    router = make_router(megatron_world, layer_number=3)
-    router.step = 17
+    good, bad = make_router(megatron_world, layer_number=2), make_router(megatron_world, layer_number=3)
+    balancer = BiasBalancer([torch.nn.ModuleList([good, bad])], LossFreeConfig(), group=None, topk=K)
+    balancer.steps = 16
+    good(torch.randn(2, 2, H))
     x = torch.randn(2, 2, H)
     x[1, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteRouterError, match=r"router logits of layer 3 at step 17 contain NaN or inf"):
-        router(x)
+    bad(x)  # no host sync in the forward: the check runs once per step
+    with pytest.raises(NonFiniteRouterError, match=r"^router logits of layer 3 at step 17 contain NaN or inf"):
+        balancer.step()
 
 
 def test_balancer_updates_each_layer_once_with_exact_values(megatron_world):
@@ -232,3 +236,21 @@ def test_losses_are_off_in_eval(megatron_world):
     router(torch.randn(2, 2, H))
     assert router.last_aux_losses == {}
     assert int(router.eval_tokens_per_expert.sum()) == 4 * K and int(router.local_tokens_per_expert.sum()) == 0
+
+
+def test_large_bias_warns_once_per_layer(megatron_world):
+    from megatron_moe_lossfree.megatron.balancer import BiasBalancer
+
+    router = make_router(megatron_world, layer_number=5, num_moe_experts=4)
+    balancer = BiasBalancer([router], LossFreeConfig(update_rate=0.3, bias_warn_bound=0.5), group=None, topk=K)
+    with pytest.warns(RuntimeWarning, match=r"expert_bias of layer 5 reached \|b - 0\| = 0.6 > "
+                                            r"--lossfree-bias-warn-bound \(0.5\) at step 2"):
+        for _ in range(3):
+            router.local_tokens_per_expert.copy_(torch.tensor([10, 2, 2, 2]))
+            balancer.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        router.local_tokens_per_expert.copy_(torch.tensor([10, 2, 2, 2]))
+        balancer.step()  # no second warning for the same layer
