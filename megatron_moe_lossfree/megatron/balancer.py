@@ -66,6 +66,32 @@ class BiasBalancer:
         self.steps = 0
         self.last_counts: list[torch.Tensor] = []
         self.last_micro_batch_counts: list = []
+        self._bind_flat_buffers()
+
+    def _bind_flat_buffers(self) -> None:
+        """Re-seat every router's counts (and non-finite flag) as views of ONE int64 buffer, and, when all
+        layers have the same expert count, every bias as a row of one [L, E] fp32 buffer. The step then
+        all-reduces, updates and zeroes all layers with single tensor ops instead of per-layer loops.
+        Call after the model is on its final device (a later ``.to(device)`` would re-allocate buffers).
+        """
+        if not self.routers:
+            self.flat_counts, self.flat_bias = None, None
+            return
+        self.widths = [r.local_tokens_per_expert.numel() for r in self.routers]
+        device = self.routers[0].local_tokens_per_expert.device
+        self.flat_counts = torch.zeros(sum(self.widths) + len(self.routers), dtype=torch.int64, device=device)
+        views = self.flat_counts.split(self.widths + [len(self.routers)])
+        for router, view, flag in zip(self.routers, views, views[-1].unbind()):
+            view.copy_(router.local_tokens_per_expert)
+            router.local_tokens_per_expert = view
+            flag.copy_(router.nonfinite_logits)
+            router.nonfinite_logits = flag
+        biases = [r.expert_bias for r in self.routers]
+        self.flat_bias = None
+        if all(b is not None for b in biases) and len(set(self.widths)) == 1:
+            self.flat_bias = torch.stack(biases).float()
+            for router, row in zip(self.routers, self.flat_bias.unbind()):
+                router.expert_bias = row
 
     # Megatron calls config.finalize_model_grads_func(model, num_tokens, ...).
     def __call__(self, *args, **kwargs):
@@ -73,39 +99,59 @@ class BiasBalancer:
         self.step()
         return result
 
-    def reduce_counts(self) -> list[torch.Tensor]:
-        """All-reduce every layer's counts in one collective; returns the global per-layer counts."""
-        if not self.routers:
-            return []
-        local = torch.cat([r.local_tokens_per_expert for r in self.routers])
+    def reduce_counts(self) -> torch.Tensor:
+        """All-reduce every layer's counts and non-finite flags in ONE collective; returns a copy (the
+        live buffer is zeroed for the next step)."""
+        reduced = self.flat_counts.clone()
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(local, group=self.group)
-        return list(local.split([r.local_tokens_per_expert.numel() for r in self.routers]))
+            dist.all_reduce(reduced, group=self.group)
+        self.flat_counts.zero_()
+        return reduced
 
     def step(self) -> None:
-        flags = torch.stack([r.nonfinite_logits for r in self.routers]) if self.routers else None
-        if flags is not None and bool(flags.any()):  # one host sync per step for all layers
-            for router in self.routers:
-                router.raise_if_nonfinite(self.steps + 1)
-        counts = self.reduce_counts()
+        if not self.routers:
+            self.steps += 1
+            return
+        reduced = self.reduce_counts()
+        counts = list(reduced.split(self.widths + [len(self.routers)]))
+        flags = counts.pop()
         self.last_counts = counts
-        if counts:
-            # The rate of this update is the one in force for the tokens of this step (V3 4.2: u for
-            # the first N tokens); every MoE layer routes every token of the step exactly K times.
-            rate = self.schedule.rate_at(self.tokens_seen)
-            self.tokens_seen += int(counts[0].sum()) // self.topk
-            if self.lossfree.balancing == "bias":
+        # The rate of this update is the one in force for the tokens of this step (V3 4.2: u for
+        # the first N tokens), known before the step: no host sync needed to pick it.
+        rate = self.schedule.rate_at(self.tokens_seen)
+        over_bound = None
+        if self.lossfree.balancing == "bias":
+            if self.flat_bias is not None:
+                over_bound = self.update_flat_bias(reduced[: self.flat_bias.numel()].view_as(self.flat_bias), rate)
+            else:
                 self.update_biases(counts, rate)
-            for router in self.routers:
-                router.local_tokens_per_expert.zero_()
+        # One host sync for the step: non-finite flags, token count, large-bias check.
+        probe = [flags.sum(), counts[0].sum()] + ([over_bound] if over_bound is not None else [])
+        values = torch.stack([p.to(torch.int64) for p in probe]).tolist()
+        if values[0]:  # summed over ranks: every rank raises, naming the same layer
+            for router, flag in zip(self.routers, flags.tolist()):
+                router.nonfinite_logits.fill_(flag)
+                router.raise_if_nonfinite(self.steps + 1)
+        # Every MoE layer routes every token of the step exactly K times.
+        self.tokens_seen += values[1] // self.topk
+        if len(values) > 2 and values[2]:
+            self.check_bias_bound(list(range(len(self.routers))), self.flat_bias)
         self.last_micro_batch_counts = [torch.stack(r.micro_batch_counts) if r.micro_batch_counts else None
                                         for r in self.routers]
         for router in self.routers:
-            router.micro_batch_counts = []
+            router.micro_batch_counts.clear()
         self.steps += 1
         every = self.lossfree.check_consistency
         if every and self.steps % every == 0:
             self.check_consistency()
+
+    @torch.no_grad()
+    def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
+        """All layers at once; returns a 0-d bool tensor: does any layer exceed the warning bound?"""
+        new_LE = balancing.update_bias(self.flat_bias, counts_LE, rule=self.lossfree.update_rule, rate=rate)
+        self.flat_bias.copy_(new_LE)
+        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
+        return ((new_LE - reference).abs() > self.lossfree.bias_warn_bound).any()
 
     @torch.no_grad()
     def update_biases(self, counts: list[torch.Tensor], rate: float) -> None:
@@ -115,17 +161,20 @@ class BiasBalancer:
         for i, router in enumerate(self.routers):
             if router.expert_bias is not None:
                 by_width.setdefault(router.expert_bias.numel(), []).append(i)
-        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
         for members in by_width.values():
             bias_LE = torch.stack([self.routers[i].expert_bias for i in members])
             counts_LE = torch.stack([counts[i] for i in members])
             new_LE = balancing.update_bias(bias_LE, counts_LE, rule=self.lossfree.update_rule, rate=rate)
             for i, row in zip(members, new_LE):
                 self.routers[i].expert_bias.copy_(row)
-            peaks_L = (new_LE - reference).abs().amax(dim=-1)
-            if bool((peaks_L > self.lossfree.bias_warn_bound).any()):
-                for i, peak in zip(members, peaks_L.tolist()):
-                    self.warn_large_bias(self.routers[i], peak, reference)
+            self.check_bias_bound(members, new_LE)
+
+    def check_bias_bound(self, members: list[int], bias_LE: torch.Tensor) -> None:
+        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
+        peaks_L = (bias_LE - reference).abs().amax(dim=-1)
+        if bool((peaks_L > self.lossfree.bias_warn_bound).any()):
+            for i, peak in zip(members, peaks_L.tolist()):
+                self.warn_large_bias(self.routers[i], peak, reference)
 
     def warn_large_bias(self, router, peak: float, reference: float) -> None:
         """Warn once per layer when |bias| exceeds the configured bound (a sign of a stuck expert)."""

@@ -51,7 +51,8 @@ class LossFreeRouter(TopKRouter):
                              persistent=False)
         # Per micro-batch local counts of this step (MaxVio_computation-batch); cleared by the balancer.
         self.micro_batch_counts: list[torch.Tensor] = []
-        self.register_buffer("nonfinite_logits", torch.zeros((), dtype=torch.bool), persistent=False)
+        # int64 so the balancer can fold it into the one count all-reduce of the step
+        self.register_buffer("nonfinite_logits", torch.zeros((), dtype=torch.int64), persistent=False)
         # Set by the MoE layer (device-limited routing and the V2 losses need the EP layout).
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
@@ -162,7 +163,7 @@ class LossFreeRouter(TopKRouter):
     def note_nonfinite(self, logits_TE: torch.Tensor) -> None:
         """Remember NaN/inf logits without a host sync; ``raise_if_nonfinite`` reports once per step."""
         with torch.no_grad():
-            self.nonfinite_logits |= ~torch.isfinite(logits_TE).all()
+            self.nonfinite_logits += (~torch.isfinite(logits_TE)).any()
 
     def raise_if_nonfinite(self, step: Optional[int] = None) -> None:
         if bool(self.nonfinite_logits):
