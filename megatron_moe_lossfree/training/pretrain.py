@@ -191,18 +191,11 @@ def setup(args: argparse.Namespace) -> Trainer:
             f"--vocab-size ({args.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}): set --vocab-size {tokenizer.vocab_size} or more")
     gb, evals = args.global_batch_size, args.train_iters // args.eval_interval + 1
-    def build_datasets():
-        return data_mod.build_gpt_datasets(
-            prefixes, weights, tokenizer, seq_length=args.seq_length, seed=args.seed, split=args.split,
-            num_samples=[args.train_iters * gb, max(1, evals * args.eval_iters * gb), None],
-            cache_dir=os.path.join(os.path.expanduser(args.data_cache_dir), "index-cache"))
-
-    # Rank 0 writes Megatron's index cache first; the others then read it (no concurrent writers).
-    if dist.get_rank() == 0:
-        train_ds, valid_ds, _ = build_datasets()
-    dist.barrier()
-    if dist.get_rank() != 0:
-        train_ds, valid_ds, _ = build_datasets()
+    # Megatron's builder writes its index cache on rank 0 first, then the other ranks read it.
+    train_ds, valid_ds, _ = data_mod.build_gpt_datasets(
+        prefixes, weights, tokenizer, seq_length=args.seq_length, seed=args.seed, split=args.split,
+        num_samples=[args.train_iters * gb, max(1, evals * args.eval_iters * gb), None],
+        cache_dir=os.path.join(os.path.expanduser(args.data_cache_dir), "index-cache"))
     if valid_ds is None and args.eval_iters > 0:
         raise LossFreeConfigError(f"--split ({args.split}) leaves no validation data: give the valid "
                                   f"split a share, e.g. 98,2,0, or pass --eval-iters 0")
