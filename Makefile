@@ -38,5 +38,8 @@ $(VENV_NEXT)/.installed: pyproject.toml
 test-next: $(VENV_NEXT)/.installed
 	TORCHDYNAMO_DISABLE=1 $(PY_NEXT) -m pytest -q $(NEXT_TESTS)
 
+bench: $(STAMP)
+	cd benchmarks && TORCHDYNAMO_DISABLE=1 ../$(PY) run_all.py
+
 clean:
 	rm -rf $(VENV) $(VENV_NEXT) runs

@@ -116,5 +116,14 @@ def replace_moe_in_layer_spec(layer_spec: Any, **replacements: Any) -> Any:
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, mlp=new_mlp))
 
 
+def build_mlp(mlp_spec: Any, **kwargs: Any):
+    """Instantiate an mlp spec of either release: 0.19's partials are called, 0.16's ModuleSpecs built."""
+    if isinstance(mlp_spec, functools.partial):
+        return mlp_spec(**kwargs)
+    from megatron.core.transformer.spec_utils import build_module
+
+    return build_module(mlp_spec, **kwargs)
+
+
 def is_moe_layer_spec(layer_spec: Any) -> bool:
     return _moe_parts(layer_spec.submodules.mlp) is not None

@@ -22,16 +22,18 @@ def plugin_classes() -> dict:
 
 
 def get_lossfree_block_spec(config, *, use_plugin: bool = True, use_transformer_engine: bool = False,
-                            vp_stage: Optional[int] = None):
+                            vp_stage: Optional[int] = None, normalization: Optional[str] = None,
+                            qk_l2_norm: bool = False):
     """Megatron's ``get_gpt_decoder_block_spec`` with every MoE layer's router/layer replaced.
 
     ``config.moe_layer_freq`` decides which layers are MoE (e.g. ``[0] + [1] * 8``: first FFN dense).
     With ``use_plugin=False`` Megatron's own spec comes back unchanged (the built-in-router baseline).
+    ``normalization`` / ``qk_l2_norm`` pass through to Megatron (Megatron-LM passes its args' values).
     """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                       vp_stage=vp_stage)
+                                       normalization=normalization, qk_l2_norm=qk_l2_norm, vp_stage=vp_stage)
     if not use_plugin:
         return block
     classes = plugin_classes()

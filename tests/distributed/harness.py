@@ -128,7 +128,11 @@ def launch_cases(cases: Sequence[Case], world_size: int, *, timeout_s: float = 3
     total = time.time() - start
     per_rank = []
     for rank in range(world_size):
-        with open(os.path.join(workdir, f"rank{rank}.result.pkl"), "rb") as fh:
+        path = os.path.join(workdir, f"rank{rank}.result.pkl")
+        if not os.path.exists(path):
+            raise RankFailure(f"rank {rank} of {world_size} exited 0 without results (a case called exit?)\n"
+                              f"--- log tail ---\n{_tail(logs[rank])}")
+        with open(path, "rb") as fh:
             per_rank.append(pickle.load(fh))
     timing = per_rank[0]["seconds"]
     return LaunchResult(world_size=world_size,
@@ -168,6 +172,8 @@ def _wait(procs, logs, workdir: str, deadline: float, timeout_s: float) -> None:
 
 @dataclass
 class TorchrunResult:
+    """What ``run_torchrun`` saw: the command, its exit status, its output and its wall time."""
+
     cmd: list
     returncode: int
     stdout: str

@@ -56,7 +56,7 @@ def sample_ids(rank: int) -> torch.Tensor:
 
 def _build_layer(ep: int, dispatcher: str, drop: str):
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron_moe_lossfree.megatron.compat import build_mlp
 
     from megatron_moe_lossfree.config import LossFreeConfig
     from megatron_moe_lossfree.megatron import compat, cpu_runtime
@@ -74,7 +74,7 @@ def _build_layer(ep: int, dispatcher: str, drop: str):
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, add_bias_linear=False,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
         moe_router_dtype="fp32", moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=ep)
-    layer = build_module(get_lossfree_layer_local_spec(num_experts=E).submodules.mlp, config=config)
+    layer = build_mlp(get_lossfree_layer_local_spec(num_experts=E).submodules.mlp, config=config)
     layer.set_layer_number(1)
     router_w, fc1, fc2 = _global_weights()
     with torch.no_grad():

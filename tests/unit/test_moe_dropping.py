@@ -31,13 +31,12 @@ def make_config(lossfree=None, **overrides):
 def build_layer(config, *, plugin=True, seed=0):
     """A standalone MoE layer from the layer spec (the plugin's, or Megatron's own TopKRouter/MoELayer)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import build_module
-
+    from megatron_moe_lossfree.megatron.compat import build_mlp
     from megatron_moe_lossfree.megatron.specs import get_lossfree_layer_local_spec
 
     make_spec = get_lossfree_layer_local_spec if plugin else get_gpt_layer_local_spec
     torch.manual_seed(seed)
-    layer = build_module(make_spec(num_experts=config.num_moe_experts).submodules.mlp, config=config)
+    layer = build_mlp(make_spec(num_experts=config.num_moe_experts).submodules.mlp, config=config)
     layer.set_layer_number(1)
     return layer
 

@@ -1,0 +1,129 @@
+"""Megatron-LM's pretrain_gpt.py with aux-loss-free balancing (megatron_moe_lossfree), no Megatron patch.
+
+Exact command: see run_cpu.sh (CPU, one process) and run_gpu.sh (GPUs) beside this file; in short
+    MEGATRON_LM=/path/to/Megatron-LM torchrun --nproc-per-node N examples/megatron_lm/pretrain_lossfree_gpt.py \
+        <pretrain_gpt.py flags> --num-experts 8 --moe-router-topk 2 --lossfree-update-rate 1e-3 ...
+Hardware: NVIDIA GPUs (Megatron-LM's normal path), or a CPU with gloo (this script then activates the
+plugin's CPU runtime and the few Megatron-LM shims below; see docs/megatron_lm.md for how far that gets).
+Prints: Megatron-LM's usual log (" [...] iteration N/ M | ... lm loss: ..."), nothing of its own.
+
+What it adds to pretrain_gpt.py's ``__main__`` block (the rest - forward_step, datasets - is imported
+from it unchanged):
+1. ``extra_args_provider=add_lossfree_args``: the ``--lossfree-*`` flags;
+2. ``gpt_model_config_from_args``: the plugin's layer spec (unless ``--spec`` is given) and a
+   post-wrap hook that installs the BiasBalancer as ``config.finalize_model_grads_func``.
+Megatron's own ``--moe-router-enable-expert-bias`` must stay off (it fails with the fix otherwise).
+"""
+
+import os
+import sys
+import time
+
+_PROGRAM_START_TIME = time.time()
+
+
+def _use_megatron_lm_checkout() -> None:
+    """Megatron-LM is not pip-installable: its root (pretrain_gpt.py, megatron/training) goes on sys.path
+    first, so its megatron.core is used as well (the one it was released with)."""
+    root = os.environ.get("MEGATRON_LM")
+    if not root or not os.path.isfile(os.path.join(root, "pretrain_gpt.py")):
+        sys.exit("error: MEGATRON_LM must point to a Megatron-LM checkout (the folder with pretrain_gpt.py)")
+    sys.path.insert(0, os.path.abspath(root))
+
+
+def _python311_shims() -> None:
+    """Megatron-LM main declares Python >= 3.12; on 3.11 its only 3.12-ism met here is typing.override."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        typing.override = lambda func: func
+
+
+class _TritonFreePlaceholders:
+    """Without triton (CPU torch), Megatron-LM's imports still reach the Mamba/GDP kernels (through
+    ``megatron.training.models.hybrid``), which import triton unguarded. Those modules, and only those,
+    become placeholders whose functions raise when called; a GPT model never calls them. triton itself
+    stays absent, so every ``try: import triton`` elsewhere still takes its no-triton branch."""
+
+    PREFIXES = ("megatron.core.ssm.ops", "megatron.core.transformer.moe.ops.paged_stash")
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.machinery
+
+        if name.startswith(self.PREFIXES):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        import types
+
+        class Placeholder(types.ModuleType):
+            def __getattr__(self, attr):
+                if attr.startswith("__"):
+                    raise AttributeError(attr)
+                if attr.isupper():  # constants (block and chunk sizes) read at import time
+                    return 64
+
+                def needs_triton(*args, **kwargs):
+                    raise RuntimeError(f"{self.__name__}.{attr} needs triton, which is not installed")
+
+                return needs_triton
+
+        module = Placeholder(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        return None
+
+
+def _triton_free_imports() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        sys.meta_path.insert(0, _TritonFreePlaceholders())
+
+
+def _cpu_shims() -> None:
+    """Without CUDA: the plugin's CPU runtime, plus what Megatron-LM's training loop needs beyond it."""
+    import torch
+
+    from megatron_moe_lossfree.megatron import cpu_runtime
+
+    if not cpu_runtime.activate():
+        return
+    cuda = torch.cuda
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 1
+    cuda.max_memory_allocated = cuda.memory_allocated = cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = cuda.reset_peak_memory_stats = lambda *a, **k: 0
+
+
+def main() -> None:
+    _use_megatron_lm_checkout()
+    _python311_shims()
+    _triton_free_imports()
+    _cpu_shims()
+
+    import pretrain_gpt
+    from megatron.core.enums import ModelType
+    from megatron.training import inprocess_restart, pretrain, set_startup_timestamps
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    from megatron_moe_lossfree.megatron.args import add_lossfree_args
+    from megatron_moe_lossfree.megatron.megatron_lm import gpt_model_config_from_args
+
+    set_startup_timestamps(program_start=_PROGRAM_START_TIME, main_entry=time.time())
+    provider = pretrain_gpt.train_valid_test_datasets_provider
+    provider.is_distributed = True  # as pretrain_gpt.py's __main__ does
+    run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+    args = parse_and_validate_args(extra_args_provider=add_lossfree_args,
+                                   args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
+    model_config = gpt_model_config_from_args(args)
+    run(pretrain_cfg_container_from_args(args, model_config), provider, ModelType.encoder_or_decoder,
+        pretrain_gpt.forward_step, store=store, get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
+
+
+if __name__ == "__main__":
+    main()

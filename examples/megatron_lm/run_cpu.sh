@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Exact command: MEGATRON_LM=/tmp/megatron-lm bash examples/megatron_lm/run_cpu.sh
+# Hardware: a CPU (one process, gloo); Megatron-LM main checkout at $MEGATRON_LM, this repo's .venv.
+# Prints: Megatron-LM's log; see docs/megatron_lm.md for the output seen and where a CPU run stops.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+: "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}"
+export MEGATRON_LM CUDA_DEVICE_MAX_CONNECTIONS=1 NO_VCS_VERSION=1 TORCHDYNAMO_DISABLE=1
+cd "$MEGATRON_LM"
+"$REPO/.venv/bin/torchrun" --nproc-per-node 1 --master-port "${MASTER_PORT:-29533}" \
+  "$HERE/pretrain_lossfree_gpt.py" \
+  --distributed-backend gloo --transformer-impl local \
+  --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion \
+  --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion \
+  --mock-data --tokenizer-type NullTokenizer --vocab-size 1024 \
+  --num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 \
+  --seq-length 64 --max-position-embeddings 64 --position-embedding-type rope \
+  --micro-batch-size 2 --global-batch-size 4 --train-iters 5 \
+  --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 1 --clip-grad 1.0 \
+  --attention-dropout 0.0 --hidden-dropout 0.0 \
+  --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 64 --moe-token-dispatcher-type alltoall \
+  --moe-router-load-balancing-type none \
+  --lossfree-balancing bias --lossfree-update-rule sign --lossfree-update-rate 1e-2 \
+  --log-interval 1 --eval-interval 1000 --eval-iters 0 "$@"
