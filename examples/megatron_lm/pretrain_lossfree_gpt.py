@@ -84,6 +84,28 @@ def _triton_free_imports() -> None:
         sys.meta_path.insert(0, _TritonFreePlaceholders())
 
 
+def _dataset_helpers_for_this_python() -> None:
+    """Megatron-LM compiles its dataset helpers with ``make``, whose Makefile asks ``python3`` on PATH
+    for the include paths and the file suffix; when that is another interpreter than the one running
+    (a venv), the module is built for the wrong Python. Pass this interpreter's values to make."""
+    import subprocess
+    import sysconfig
+
+    import megatron.core.datasets.utils as dataset_utils
+
+    folder = os.path.dirname(os.path.abspath(dataset_utils.__file__))
+
+    def compile_helpers():
+        includes = subprocess.run([sys.executable, "-m", "pybind11", "--includes"], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+        command = ["make", "-C", folder, f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}",
+                   f"CPPFLAGS={includes}"]
+        if subprocess.run(command).returncode != 0:
+            sys.exit("error: could not compile Megatron's dataset helpers (pip install pybind11)")
+
+    dataset_utils.compile_helpers = compile_helpers
+
+
 def _cpu_shims() -> None:
     """Without CUDA: the plugin's CPU runtime, plus what Megatron-LM's training loop needs beyond it."""
     import torch
@@ -97,13 +119,43 @@ def _cpu_shims() -> None:
     cuda.device_count = lambda: 1
     cuda.max_memory_allocated = cuda.memory_allocated = cuda.memory_reserved = lambda *a, **k: 0
     cuda.max_memory_reserved = cuda.reset_peak_memory_stats = lambda *a, **k: 0
+    # The rerun state machine saves/restores the CUDA RNG state around every step.
+    cuda.get_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    cuda.set_rng_state = lambda *a, **k: None
+    # pretrain() calls initialize_megatron() without its allow_no_cuda switch.
+    import functools
+
+    import megatron.training.training as training
+
+    training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
 
 
-def main() -> None:
+def prepare_process() -> None:
+    """Everything before Megatron-LM's own code runs: its path, then the shims (CPU ones only without CUDA)."""
     _use_megatron_lm_checkout()
     _python311_shims()
     _triton_free_imports()
     _cpu_shims()
+    _dataset_helpers_for_this_python()
+
+
+def record_model_configs() -> list:
+    """Collect the GPTModelConfig that stock pretrain_gpt.py builds (for the summary afterwards)."""
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    recorded = []
+    original_init = GPTModelBuilder.__init__
+
+    def init(self, model_config):
+        recorded.append(model_config)
+        original_init(self, model_config)
+
+    GPTModelBuilder.__init__ = init
+    return recorded
+
+
+def main() -> None:
+    prepare_process()
 
     import pretrain_gpt
     from megatron.core.enums import ModelType
@@ -123,6 +175,29 @@ def main() -> None:
     model_config = gpt_model_config_from_args(args)
     run(pretrain_cfg_container_from_args(args, model_config), provider, ModelType.encoder_or_decoder,
         pretrain_gpt.forward_step, store=store, get_embedding_ranks=pretrain_gpt.get_embedding_ranks)
+    print_balancer_summary(model_config)
+
+
+def print_balancer_summary(model_config) -> None:
+    """After training, rank 0 prints what the plugin did: routers found, bias updates, bias ranges."""
+    from megatron_moe_lossfree.megatron.megatron_lm import InstallBalancerHook
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    hooks = [h for h in model_config.post_wrap_hooks if isinstance(h, InstallBalancerHook)]
+    balancer = hooks[0].balancer if hooks else None
+    if balancer is None:
+        print("lossfree: no BiasBalancer was installed", flush=True)
+        return
+    print(f"lossfree: {len(balancer.routers)} LossFreeRouter(s), {balancer.steps} bias updates, "
+          f"{balancer.tokens_seen} tokens counted, rule {balancer.lossfree.update_rule}, "
+          f"u {balancer.lossfree.update_rate:g}", flush=True)
+    for router, counts_E in zip(balancer.routers, balancer.last_counts or [None] * len(balancer.routers)):
+        bias_E = router.expert_bias
+        line = f"lossfree: {router.layer_name()}: expert_bias min {bias_E.min().item():+.4f} max {bias_E.max().item():+.4f}"
+        if counts_E is not None:
+            line += f" | last step tokens per expert {counts_E.tolist()}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

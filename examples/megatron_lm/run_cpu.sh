@@ -8,18 +8,25 @@ REPO=$(cd "$HERE/../.." && pwd)
 : "${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}"
 export MEGATRON_LM CUDA_DEVICE_MAX_CONNECTIONS=1 NO_VCS_VERSION=1 TORCHDYNAMO_DISABLE=1
 cd "$MEGATRON_LM"
-"$REPO/.venv/bin/torchrun" --nproc-per-node 1 --master-port "${MASTER_PORT:-29533}" \
-  "$HERE/pretrain_lossfree_gpt.py" \
+if [ "${STOCK:-0}" = 1 ]; then
+  # Megatron-LM's unchanged pretrain_gpt.py: the plugin only through --spec, its flags at their defaults.
+  SCRIPT="$HERE/cpu_stock_pretrain_gpt.py"
+  PLUGIN=(--spec megatron_moe_lossfree.megatron.megatron_lm lossfree_gpt_layer_spec)
+else
+  SCRIPT="$HERE/pretrain_lossfree_gpt.py"
+  PLUGIN=(--lossfree-balancing bias --lossfree-update-rule sign --lossfree-update-rate 1e-2)
+fi
+"$REPO/.venv/bin/torchrun" --nproc-per-node 1 --master-port "${MASTER_PORT:-29533}" "$SCRIPT" \
   --distributed-backend gloo --transformer-impl local \
   --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion \
-  --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion \
+  --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion --disable-bias-linear \
   --mock-data --tokenizer-type NullTokenizer --vocab-size 1024 \
   --num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 \
   --seq-length 64 --max-position-embeddings 64 --position-embedding-type rope \
   --micro-batch-size 2 --global-batch-size 4 --train-iters 5 \
   --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 1 --clip-grad 1.0 \
-  --attention-dropout 0.0 --hidden-dropout 0.0 \
+  --attention-dropout 0.0 --hidden-dropout 0.0 --inference-rng-tracker \
   --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 64 --moe-token-dispatcher-type alltoall \
   --moe-router-load-balancing-type none \
-  --lossfree-balancing bias --lossfree-update-rule sign --lossfree-update-rate 1e-2 \
+  "${PLUGIN[@]}" \
   --log-interval 1 --eval-interval 1000 --eval-iters 0 "$@"

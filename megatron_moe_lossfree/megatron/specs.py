@@ -1,8 +1,9 @@
 """Layer specs: Megatron-Core's GPT decoder block spec with the plugin's router and MoE layer.
 
-Usable from Megatron-LM as ``--spec megatron_moe_lossfree.megatron.specs get_lossfree_layer_local_spec``
-(the per-layer form), or from code as ``get_lossfree_block_spec(config, ...)`` (per-block, with dense
-first layers). The spec is a function of the config; nothing in Megatron is patched.
+From code: ``get_lossfree_block_spec(config, ...)`` (per-block, with dense first layers) or
+``get_lossfree_layer_local_spec(...)`` (per-layer). From Megatron-LM main, whose ``--spec`` function is
+called with a ``GPTModelConfig``: ``--spec megatron_moe_lossfree.megatron.megatron_lm lossfree_gpt_layer_spec``
+(docs/megatron_lm.md). The spec is a function of the config; nothing in Megatron is patched.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def get_lossfree_block_spec(config, *, use_plugin: bool = True, use_transformer_
 
 
 def get_lossfree_layer_local_spec(num_experts: Optional[int] = None, moe_grouped_gemm: bool = False, **kwargs):
-    """Drop-in for ``get_gpt_layer_local_spec`` (Megatron-LM ``--spec``) with the plugin's MoE pieces."""
+    """Drop-in for Megatron-Core's ``get_gpt_layer_local_spec`` with the plugin's MoE pieces."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, **kwargs)

@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _POLL_S = 0.2
+_GRACE_S = 1.0  # after a first failure, how long to wait for the others before naming the first
 
 
 class RankFailure(AssertionError):
@@ -149,16 +150,37 @@ def _current_case(workdir: str, rank: int) -> str:
         return "start-up"
 
 
+def _first_failure(procs, workdir: str) -> Optional[int]:
+    """The rank that failed first (by when it wrote its traceback), or None while none failed.
+
+    A rank that raises makes its peers' pending collectives fail too (gloo sees the closed connection):
+    after a short grace period the earliest traceback, the root cause, is the one reported.
+    """
+    failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+    if not failed:
+        return None
+    time.sleep(_GRACE_S)
+    failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+
+    def written_at(rank: int) -> float:
+        path = os.path.join(workdir, f"rank{rank}.error")
+        return os.stat(path).st_mtime if os.path.exists(path) else float("inf")
+
+    return min(failed, key=lambda r: (written_at(r), r))
+
+
 def _wait(procs, logs, workdir: str, deadline: float, timeout_s: float) -> None:
     while True:
+        rank = _first_failure(procs, workdir)
+        if rank is not None:
+            error_file = os.path.join(workdir, f"rank{rank}.error")
+            detail = _tail(error_file, 8000) if os.path.exists(error_file) else (
+                f"(no Python traceback: exit code {procs[rank].poll()})\n--- log tail ---\n{_tail(logs[rank])}")
+            others = [r for r, p in enumerate(procs) if r != rank and p.poll() not in (None, 0)]
+            also = f" (then ranks {others} failed too)" if others else ""
+            raise RankFailure(f"rank {rank} of {len(procs)} failed in case "
+                              f"{_current_case(workdir, rank)!r}{also}:\n{detail}")
         codes = [p.poll() for p in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                error_file = os.path.join(workdir, f"rank{rank}.error")
-                detail = _tail(error_file, 8000) if os.path.exists(error_file) else (
-                    f"(no Python traceback: exit code {code})\n--- log tail ---\n{_tail(logs[rank])}")
-                raise RankFailure(f"rank {rank} of {len(procs)} failed in case "
-                                  f"{_current_case(workdir, rank)!r}:\n{detail}")
         if all(code == 0 for code in codes):
             return
         if time.time() > deadline:

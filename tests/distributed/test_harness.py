@@ -80,7 +80,7 @@ def test_failing_rank_traceback_is_reported_and_peers_are_killed(tmp_path):
         harness.launch_cases([Case("boom", fail_on_rank_one, dict(pid_dir=str(tmp_path)))], 2,
                              timeout_s=120, workdir=str(tmp_path / "launch"))
     text = str(info.value)
-    assert text.startswith("rank 1 of 2 failed in case 'boom':")
+    assert text.startswith("rank 1 of 2 failed in case 'boom'")  # the root cause, not rank 0's broken barrier
     assert "ValueError: boom on rank 1" in text and "fail_on_rank_one" in text
     _assert_gone(str(tmp_path), 2)
 
