@@ -54,7 +54,7 @@ def sample_ids(rank: int) -> torch.Tensor:
     return torch.arange(rank * B, (rank + 1) * B) + 1000  # global sample indices of this rank's sequences
 
 
-def _build_layer(ep: int, dispatcher: str, drop: str):
+def _build_layer(ep: int, dispatcher: str, drop: str, **loss_coeffs):
     from megatron.core import parallel_state as ps
     from megatron_moe_lossfree.megatron.compat import build_mlp
 
@@ -67,7 +67,7 @@ def _build_layer(ep: int, dispatcher: str, drop: str):
     ps.initialize_model_parallel(expert_model_parallel_size=ep)
     compat.seed_model_parallel_rng(1234)
     lossfree = LossFreeConfig(balancing="none", drop=drop, capacity_factor=CF if drop != "none" else None,
-                              exempt_fraction=FRACTION, seed=SEED)
+                              exempt_fraction=FRACTION, seed=SEED, **loss_coeffs)
     config = LossFreeTransformerConfig(
         lossfree=lossfree, num_layers=1, hidden_size=H, num_attention_heads=4, num_moe_experts=E,
         moe_router_topk=K, moe_ffn_hidden_size=FFN, ffn_hidden_size=FFN, moe_router_score_function="sigmoid",
@@ -134,6 +134,17 @@ def run_layer_case(ep: int, dispatcher: str, drop: str) -> dict:
     return result
 
 
+def run_loss_case(ep: int) -> dict:
+    """The V2 device and communication losses on an EP layout: the router counts devices from it."""
+    layer = _build_layer(ep, "alltoall", "none", device_loss_coeff=0.05, comm_loss_coeff=0.02)
+    x = _inputs(0)
+    layer(x)
+    router = layer.router
+    scores_TE = torch.sigmoid(x.view(-1, H) @ router.weight.detach().t())
+    return dict(ep_size=router.ep_size, scores=scores_TE, experts=router.last_selection[1].clone(),
+                losses={k: float(v) for k, v in router.last_aux_losses.items()})
+
+
 # --------------------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +158,7 @@ def _name(ep, dispatcher, drop):
 def launch(tmp_path_factory):
     cases = [Case(_name(ep, d, drop), run_layer_case, dict(ep=ep, dispatcher=d, drop=drop))
              for ep, d in LAYOUTS for drop in ("none", "device")]
+    cases += [Case(f"losses_ep{ep}", run_loss_case, dict(ep=ep)) for ep in (2, 4)]
     return harness.launch_cases(cases, WORLD, timeout_s=300, workdir=str(tmp_path_factory.mktemp("dropping")))
 
 
@@ -220,3 +232,23 @@ def test_device_budget_lowest_gates_and_exempt_sequences(launch, ep, dispatcher)
 def test_eval_forward_drops_nothing(launch, ep, dispatcher):
     for result in launch.results[_name(ep, dispatcher, "device")]:
         assert result["eval_max_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_device_and_comm_losses_count_devices_from_the_ep_layout(launch, ep):
+    from megatron_moe_lossfree import balancing
+
+    for result in launch.results[f"losses_ep{ep}"]:
+        assert result["ep_size"] == ep
+        # Megatron flattens [S, B] as t = s*B + b; the losses see sequence-major tokens.
+        scores = result["scores"].view(S, B, E).transpose(0, 1).reshape(-1, E)
+        experts = result["experts"].view(S, B, K).transpose(0, 1).reshape(-1, K)
+        expected_dev = balancing.device_balance_loss(scores, experts, alpha=0.05, num_devices=ep, num_sequences=B)
+        expected_comm = balancing.comm_balance_loss(scores, experts, alpha=0.02, num_devices=ep, max_devices=ep,
+                                                    num_sequences=B)
+        assert result["losses"]["device_loss"] == pytest.approx(float(expected_dev), rel=1e-5)
+        assert result["losses"]["comm_loss"] == pytest.approx(float(expected_comm), rel=1e-5)
+        # With one device the comm loss degenerates to a constant: the EP layout really changed it.
+        one_device = balancing.comm_balance_loss(scores, experts, alpha=0.02, num_devices=1, max_devices=1,
+                                                 num_sequences=B)
+        assert result["losses"]["comm_loss"] != pytest.approx(float(one_device), rel=1e-3)
