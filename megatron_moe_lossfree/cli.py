@@ -68,6 +68,17 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(run, argv)
 
 
+def ablate_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``mlf-ablate``: an LFB / DeepSeek ablation suite, run arm by arm, tabulated beside the paper."""
+
+    def run(argv):
+        from megatron_moe_lossfree.ablation.runner import main
+
+        main(argv)
+
+    return _run(run, argv)
+
+
 def _shutdown() -> None:
     import torch.distributed as dist
 
@@ -76,7 +87,8 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-COMMANDS = {"pretrain": pretrain_main, "prepare-data": prepare_data_main, "report": report_main}
+COMMANDS = {"pretrain": pretrain_main, "prepare-data": prepare_data_main, "report": report_main,
+            "ablate": ablate_main}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,11 +1,14 @@
 """Megatron-LM's pretrain_gpt.py with aux-loss-free balancing (megatron_moe_lossfree), no Megatron patch.
 
-Exact command: see run_cpu.sh (CPU, one process) and run_gpu.sh (GPUs) beside this file; in short
+Exact command: run_cpu.sh (CPU, one process; verified) or run_gpu.sh (GPUs; not yet run) beside this
+file; in short
     MEGATRON_LM=/path/to/Megatron-LM torchrun --nproc-per-node N examples/megatron_lm/pretrain_lossfree_gpt.py \
         <pretrain_gpt.py flags> --num-experts 8 --moe-router-topk 2 --lossfree-update-rate 1e-3 ...
 Hardware: NVIDIA GPUs (Megatron-LM's normal path), or a CPU with gloo (this script then activates the
-plugin's CPU runtime and the few Megatron-LM shims below; see docs/megatron_lm.md for how far that gets).
-Prints: Megatron-LM's usual log (" [...] iteration N/ M | ... lm loss: ..."), nothing of its own.
+plugin's CPU runtime and the Megatron-LM CPU shims below; docs/megatron_lm.md lists each).
+Prints: Megatron-LM's usual log (" [...] iteration N/ M | ... lm loss: ..."), then on rank 0
+"lossfree: 2 LossFreeRouter(s), 5 bias updates, 1280 tokens counted, ..." and one line per MoE layer
+(bias range, last step's tokens per expert).
 
 What it adds to pretrain_gpt.py's ``__main__`` block (the rest - forward_step, datasets - is imported
 from it unchanged):

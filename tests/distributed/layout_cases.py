@@ -51,13 +51,17 @@ def _routers_by_layer(trainer) -> dict:
 
 def _train(trainer) -> dict:
     """``STEPS`` optimizer steps; losses (None off the last stage) and each step's global counts."""
-    losses, counts = [], []
+    from megatron_moe_lossfree.training.metrics_log import step_metrics
+
+    losses, counts, maxvio = [], [], []
     for _ in range(STEPS):
         losses.append(trainer.train_step())
         counts.append({r.layer_number: c.tolist() for r, c in zip(trainer.balancer.routers,
                                                                     trainer.balancer.last_counts)})
+        logged = step_metrics(trainer)  # the training log's own path (PP assembly included)
+        maxvio.append((logged["maxvio_batch"], logged["maxvio_batch_layers"]))
     biases = {n: r.expert_bias.tolist() for n, r in _routers_by_layer(trainer).items()}
-    return {"losses": losses, "counts": counts, "expert_bias": biases}
+    return {"losses": losses, "counts": counts, "expert_bias": biases, "maxvio_batch": maxvio}
 
 
 def _diff_against_checkpoint(trainer, path: str) -> dict:

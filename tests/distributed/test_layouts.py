@@ -144,6 +144,8 @@ def test_layout_matches_single_process(launches, layout, record_layout_differenc
                 assert row == ref["counts"][step][layer], f"step {step + 1} layer {layer} counts"
         for layer, bias in result["expert_bias"].items():
             assert bias == ref["expert_bias"][layer], f"layer {layer} expert_bias"
+        # MaxVio_batch as the training log computes it: the same numbers as one process, every rank.
+        assert result["maxvio_batch"] == ref["maxvio_batch"]
     layers = set().union(*(r["expert_bias"].keys() for r in per_rank))
     assert layers == set(ref["expert_bias"]), "some MoE layer was compared on no rank"
 
