@@ -165,8 +165,6 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def run_all(jobs: Sequence[Job], *, progress: bool = True) -> list[Job]:
     """Run the jobs one at a time (skipping finished ones); returns the jobs that failed."""
-    from tqdm import tqdm
-
     from megatron_moe_lossfree.report import load_run
 
     overall, arm_bar = _progress(len(jobs), sum(job.done for job in jobs), progress)
@@ -175,10 +173,10 @@ def run_all(jobs: Sequence[Job], *, progress: bool = True) -> list[Job]:
         for i, job in enumerate(jobs, 1):
             head = f"arm {i}/{len(jobs)} {job.arm.name} seed {job.seed}"
             if job.done:
-                tqdm.write(f"{head}: finished before ({DONE} in {job.run_dir}), skipped")
+                _say(f"{head}: finished before ({DONE} in {job.run_dir}), skipped")
                 continue
             resume = _latest(job.ckpt)
-            tqdm.write(f"{head}: {'resuming from step ' + str(resume) if resume else 'starting'} "
+            _say(f"{head}: {'resuming from step ' + str(resume) if resume else 'starting'} "
                        f"({job.nproc} process{'es' if job.nproc > 1 else ''}) -> {job.run_dir}")
             arm_bar.reset(total=1)
             arm_bar.set_description(f"{job.arm.name} s{job.seed}")
@@ -187,18 +185,26 @@ def run_all(jobs: Sequence[Job], *, progress: bool = True) -> list[Job]:
             wall = time.time() - start
             if rc:
                 failed.append(job)
-                tqdm.write(f"{head}: FAILED (exit {rc}) after {wall:.0f} s; see {job.run_dir}/train.log")
+                _say(f"{head}: FAILED (exit {rc}) after {wall:.0f} s; see {job.run_dir}/train.log")
             else:
                 from megatron_moe_lossfree.ablation.report import run_metrics
 
                 m = run_metrics(load_run(job.run_dir))
-                tqdm.write(f"{head}: done in {wall:.0f} s | val PPL {_num(m['final_ppl'], '.2f')} | "
+                _say(f"{head}: done in {wall:.0f} s | val PPL {_num(m['final_ppl'], '.2f')} | "
                            f"MaxVio_global {_num(m['maxvio_global'], '.3f')}")
                 overall.update(1)
     finally:
         arm_bar.close()
         overall.close()
     return failed
+
+
+def _say(text: str) -> None:
+    """A per-arm line above the progress bars, flushed (stdout is often a log file)."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _latest(ckpt: str) -> Optional[int]:

@@ -1,0 +1,95 @@
+"""mlf-ablate end to end on a shrunken model: 2 steps of every distinct arm of every suite, 1 seed.
+
+Arms that differ from another arm only in a non-zero number (a rate, alpha, micro-batch size) share a
+code path, so one of each such family trains here (the unit tests parse every arm); v2-drop's arms run on
+two gloo ranks with EP = 2. Then: a finished suite is skipped on rerun, and an unfinished run resumes
+from its checkpoint.
+"""
+
+import json
+import os
+import re
+
+import pytest
+
+from megatron_moe_lossfree.ablation.suites import SCALES, SUITES
+from megatron_moe_lossfree.cli import ablate_main
+
+pytestmark = pytest.mark.slow
+
+SHRINK = ("--extra-args=--num-layers 2 --hidden-size 32 --num-attention-heads 2 --ffn-hidden-size 64 "
+          "--moe-ffn-hidden-size 32 --moe-shared-expert-intermediate-size 32 --num-experts 8 --seq-length 32 "
+          "--eval-iters 1 --log-interval 1")
+
+
+def _shape(flags):
+    """An arm's flags with every non-zero number replaced: arms of one sweep share a shape."""
+    def word(token):
+        try:
+            return "0" if float(token) == 0 else "#"
+        except ValueError:
+            return token
+    return tuple(word(t) for t in flags)
+
+
+def distinct_arms():
+    """{suite: [arm names]}: the first arm of each flag shape over all suites, and at least one per suite."""
+    seen, chosen = set(), {}
+    for name, build in SUITES.items():
+        arms = build(SCALES["tiny"]).arms
+        for arm in arms:
+            if _shape(arm.flags) not in seen:
+                seen.add(_shape(arm.flags))
+                chosen.setdefault(name, []).append(arm.name)
+        chosen.setdefault(name, [arms[0].name])
+    return chosen
+
+
+def ablate(suite, out, *extra):
+    return ablate_main(["--suite", suite, "--scale", "tiny", "--out", str(out), "--steps", "2", "--seeds", "1",
+                        "--no-progress", SHRINK, *extra])
+
+
+def test_distinct_arms_cover_every_suite():
+    chosen = distinct_arms()
+    assert set(chosen) == set(SUITES)
+    assert chosen["v2-drop"] == ["drop-free", "device-cf1-exempt0.1", "device-cf1-exempt0", "expert-cf1"]
+    assert "aux-a0" in chosen["lfb-alpha"]
+
+
+@pytest.mark.parametrize("suite", sorted(distinct_arms()))
+def test_every_distinct_arm_trains_two_steps(suite, tmp_path, capsys):
+    arms = distinct_arms()[suite]
+    assert ablate(suite, tmp_path, "--arms", ",".join(arms)) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    results = json.load(open(tmp_path / "results.json"))
+    assert [r["arm"] for r in results["runs"]] == arms
+    for run in results["runs"]:
+        assert run["steps"] == 2 and run["final_ppl"] is not None and run["maxvio_global"] is not None
+        assert os.path.isfile(os.path.join(run["run_dir"], "DONE"))
+        assert os.path.isfile(os.path.join(run["run_dir"], "ckpt", "latest_checkpointed_iteration.txt"))
+    table = (tmp_path / f"{suite}.md").read_text()
+    assert ", 2 steps, 1 seed(s) per arm (1)" in table and table in out
+    assert all(f"| {arm} | `" in table for arm in arms)
+    assert {"maxvio_batch.png", "loss.png", "summary.md"} <= set(os.listdir(tmp_path / "report"))
+    if suite == "v2-drop":
+        drops = {r["arm"]: r["drop_tail"] for r in results["runs"]}
+        assert drops["drop-free"] == 0.0
+
+
+def test_rerun_skips_finished_runs_and_an_unfinished_run_resumes(tmp_path, capsys):
+    assert ablate("lfb-main", tmp_path, "--arms", "aux-a1e-3") == 0
+    capsys.readouterr()
+    assert ablate("lfb-main", tmp_path, "--arms", "aux-a1e-3") == 0
+    assert "arm 1/1 aux-a1e-3 seed 1: finished before (DONE in " in capsys.readouterr().out
+    # An interrupted 3-step run: its checkpoint is at step 2 and it has no DONE marker.
+    run_dir = tmp_path / "aux-a1e-3" / "seed1"
+    os.remove(run_dir / "DONE")
+    assert ablate_main(["--suite", "lfb-main", "--out", str(tmp_path), "--steps", "3", "--seeds", "1",
+                        "--no-progress", SHRINK, "--arms", "aux-a1e-3"]) == 0
+    assert "arm 1/1 aux-a1e-3 seed 1: resuming from step 2 (1 process)" in capsys.readouterr().out
+    second = (run_dir / "train.log").read_text().split("\n$ ")[-1]
+    assert re.findall(r"^step\s+(\d+)/3", second, flags=re.M) == ["3"]
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3]
