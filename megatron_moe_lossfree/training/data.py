@@ -180,8 +180,15 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], Optional[list[
 
 def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
     """Open an indexed dataset and check its tokens fit the tokenizer's vocabulary."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
 
+    with open(prefix + ".idx", "rb") as fh:
+        header = fh.read(len(_INDEX_HEADER))
+    if header != _INDEX_HEADER:
+        # Checked before IndexedDataset: a half-built one prints a traceback from its __del__.
+        raise LossFreeConfigError(
+            f"--data-path ({prefix}) is not a readable Megatron indexed dataset ({prefix}.idx has no "
+            f"Megatron index header): rebuild it with mlf-prepare-data")
     try:
         dataset = IndexedDataset(prefix, mmap=True)
         max_id = max((int(dataset[i].max()) for i in range(min(len(dataset), 64)) if len(dataset[i])),

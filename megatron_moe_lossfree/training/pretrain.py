@@ -41,13 +41,13 @@ def init_distributed() -> None:
     """torchrun's env:// rendezvous, or a one-process group on a free local port."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:  # one process: a private rendezvous, without leaking RANK/MASTER_PORT to child processes
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def check_world(args: argparse.Namespace, world: int) -> None:
@@ -177,6 +177,14 @@ def setup(args: argparse.Namespace) -> Trainer:
     from megatron_moe_lossfree.training.logger import RunLogger
     from megatron_moe_lossfree.training.model import build_model, transformer_config_from_args
 
+    # Data and tokenizer are checked before Megatron's parallel state exists: bad files fail first.
+    prefixes, weights, tokenizer = prepare_data(args, data_mod)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise LossFreeConfigError(
+            f"--vocab-size ({args.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}): set --vocab-size {tokenizer.vocab_size} or more")
+    data_mod.check_split(prefixes, args.split)
+
     ps.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -184,12 +192,6 @@ def setup(args: argparse.Namespace) -> Trainer:
         expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     compat.seed_model_parallel_rng(args.seed)
     torch.manual_seed(args.seed)
-
-    prefixes, weights, tokenizer = prepare_data(args, data_mod)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise LossFreeConfigError(
-            f"--vocab-size ({args.vocab_size}) is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size}): set --vocab-size {tokenizer.vocab_size} or more")
     gb, evals = args.global_batch_size, args.train_iters // args.eval_interval + 1
     # Megatron's builder writes its index cache on rank 0 first, then the other ranks read it.
     train_ds, valid_ds, _ = data_mod.build_gpt_datasets(
