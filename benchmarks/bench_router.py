@@ -61,11 +61,15 @@ def main(argv=None) -> int:
         routers["lossfree"].load_state_dict(routers["megatron"].state_dict(), strict=False)
         stats = interleaved({n: step_fn(r, x) for n, r in routers.items()}, repeat=5 if tokens > 4096 else 7)
         ratio = stats["lossfree"]["median"] / stats["megatron"]["median"]
-        rows.append([tokens, experts, topk, fmt(stats["megatron"]), fmt(stats["lossfree"]), f"{ratio:.3f}"])
+        best = stats["lossfree"]["min"] / stats["megatron"]["min"]
+        rows.append([tokens, experts, topk, fmt(stats["megatron"]), fmt(stats["lossfree"]), f"{ratio:.3f}",
+                     f"{best:.3f}"])
     print_table(f"Router fwd+bwd, ms, {machine()}", ["T", "E", "K", "Megatron TopKRouter+bias", "LossFreeRouter",
-                                                    "ratio"], rows)
-    ratios = [float(r[-1]) for r in rows]
-    print(f"router ratio: median {sorted(ratios)[len(ratios) // 2]:.3f}, max {max(ratios):.3f} (target <= 1.05)")
+                                                    "ratio of medians", "ratio of minima"], rows)
+    for column, label in ((-2, "medians"), (-1, "minima")):
+        ratios = sorted(float(r[column]) for r in rows)
+        print(f"router ratio of {label}: median over shapes {ratios[len(ratios) // 2]:.3f}, max {ratios[-1]:.3f} "
+              f"(target <= 1.05)")
     return 0
 
 
