@@ -98,7 +98,8 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
     if command:
         lines.append(f"- command: `{command}`")
     lines += [
-        f"- scale: {scale.name} (preset {scale.preset}), {steps} steps, {len(seeds)} seed(s) per arm "
+        f"- scale: {scale.name} (preset {scale.preset}{', shrunk as the notes say' if scale.flags else ''}), "
+        f"{steps} steps, {len(seeds)} seed(s) per arm "
         f"({seed_text})",
         "- ours: mean [min, max] over seeds; the last column calls a difference from the compared arm "
         "(\"lower\"/\"higher\") only when the seed ranges do not overlap, \"≈\" when they do"

@@ -110,7 +110,8 @@ def validate_jobs(jobs: Sequence[Job]) -> None:
         except LossFreeConfigError as err:
             problems.append(f"arm {job.arm.name} seed {job.seed}: {err}")
         if job.done:
-            recorded = json.load(open(os.path.join(job.run_dir, DONE))).get("config_flags")
+            with open(os.path.join(job.run_dir, DONE)) as fh:
+                recorded = json.load(fh).get("config_flags")
             if recorded != list(job.config_flags):
                 problems.append(
                     f"{job.run_dir} ({DONE}) was finished with other flags ({shlex.join(recorded or [])}): "
@@ -129,7 +130,7 @@ def run_job(job: Job, bar=None) -> int:
     os.makedirs(job.run_dir, exist_ok=True)
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONUNBUFFERED="1")
     start = time.time()
-    with open(os.path.join(job.run_dir, "train.log"), "a") as log:
+    with open(os.path.join(job.run_dir, "train.log"), "a", buffering=1) as log:  # line-buffered: tail -f
         log.write(f"$ {shlex.join(job.command)}\n")
         proc = subprocess.Popen(job.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, bufsize=1)
@@ -165,6 +166,7 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def run_all(jobs: Sequence[Job], *, progress: bool = True) -> list[Job]:
     """Run the jobs one at a time (skipping finished ones); returns the jobs that failed."""
+    from megatron_moe_lossfree.ablation.report import run_metrics
     from megatron_moe_lossfree.report import load_run
 
     overall, arm_bar = _progress(len(jobs), sum(job.done for job in jobs), progress)
@@ -177,7 +179,7 @@ def run_all(jobs: Sequence[Job], *, progress: bool = True) -> list[Job]:
                 continue
             resume = _latest(job.ckpt)
             _say(f"{head}: {'resuming from step ' + str(resume) if resume else 'starting'} "
-                       f"({job.nproc} process{'es' if job.nproc > 1 else ''}) -> {job.run_dir}")
+                 f"({job.nproc} process{'es' if job.nproc > 1 else ''}) -> {job.run_dir}")
             arm_bar.reset(total=1)
             arm_bar.set_description(f"{job.arm.name} s{job.seed}")
             start = time.time()
@@ -187,11 +189,9 @@ def run_all(jobs: Sequence[Job], *, progress: bool = True) -> list[Job]:
                 failed.append(job)
                 _say(f"{head}: FAILED (exit {rc}) after {wall:.0f} s; see {job.run_dir}/train.log")
             else:
-                from megatron_moe_lossfree.ablation.report import run_metrics
-
                 m = run_metrics(load_run(job.run_dir))
                 _say(f"{head}: done in {wall:.0f} s | val PPL {_num(m['final_ppl'], '.2f')} | "
-                           f"MaxVio_global {_num(m['maxvio_global'], '.3f')}")
+                     f"MaxVio_global {_num(m['maxvio_global'], '.3f')}")
                 overall.update(1)
     finally:
         arm_bar.close()

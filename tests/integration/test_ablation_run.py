@@ -1,9 +1,9 @@
-"""mlf-ablate end to end on a shrunken model: 2 steps of every distinct arm of every suite, 1 seed.
+"""mlf-ablate end to end on a shrunken model: 2 steps of every distinct arm of the suites, 1 seed.
 
 Arms that differ from another arm only in a non-zero number (a rate, alpha, micro-batch size) share a
-code path, so one of each such family trains here (the unit tests parse every arm); v2-drop's arms run on
-two gloo ranks with EP = 2. Then: a finished suite is skipped on rerun, and an unfinished run resumes
-from its checkpoint.
+code path, so one of each such family trains here (the unit tests parse every arm; lfb-rate adds no new
+family). v2-drop's arms run on two gloo ranks with EP = 2. Then: a finished run is skipped on rerun, and
+an unfinished run resumes from its checkpoint. About 4 minutes on 2 busy cores.
 """
 
 import json
@@ -33,15 +33,13 @@ def _shape(flags):
 
 
 def distinct_arms():
-    """{suite: [arm names]}: the first arm of each flag shape over all suites, and at least one per suite."""
+    """{suite: [arm names]}: the first arm of each flag shape, over all suites."""
     seen, chosen = set(), {}
     for name, build in SUITES.items():
-        arms = build(SCALES["tiny"]).arms
-        for arm in arms:
+        for arm in build(SCALES["tiny"]).arms:
             if _shape(arm.flags) not in seen:
                 seen.add(_shape(arm.flags))
                 chosen.setdefault(name, []).append(arm.name)
-        chosen.setdefault(name, [arms[0].name])
     return chosen
 
 
@@ -52,7 +50,9 @@ def ablate(suite, out, *extra):
 
 def test_distinct_arms_cover_every_suite():
     chosen = distinct_arms()
-    assert set(chosen) == set(SUITES)
+    # lfb-rate's arms have lfb-main's loss-free shape (sign rule, a non-zero rate): nothing new to train.
+    assert set(chosen) == set(SUITES) - {"lfb-rate"}
+    assert sum(map(len, chosen.values())) == 15
     assert chosen["v2-drop"] == ["drop-free", "device-cf1-exempt0.1", "device-cf1-exempt0", "expert-cf1"]
     assert "aux-a0" in chosen["lfb-alpha"]
 
