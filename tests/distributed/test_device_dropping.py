@@ -145,6 +145,28 @@ def run_loss_case(ep: int) -> dict:
                 losses={k: float(v) for k, v in router.last_aux_losses.items()})
 
 
+def run_consistency_case() -> dict:
+    """--lossfree-check-consistency: a bias that diverged on one rank is named with its layer and rank."""
+    import torch.distributed as dist
+
+    from megatron_moe_lossfree.config import LossFreeConfig
+    from megatron_moe_lossfree.megatron.balancer import BiasBalancer, BiasInconsistencyError
+
+    layer = _build_layer(2, "alltoall", "none")
+    router = layer.router
+    router.register_buffer("expert_bias", torch.zeros(E))
+    balancer = BiasBalancer([layer], LossFreeConfig(check_consistency=1), group=dist.group.WORLD, topk=K)
+    balancer.check_consistency()  # all equal: passes silently
+    if dist.get_rank() == 2:
+        with torch.no_grad():
+            router.expert_bias[3] += 1e-7  # one ulp-scale drift on one rank
+    try:
+        balancer.check_consistency()
+    except BiasInconsistencyError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
 # --------------------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +181,7 @@ def launch(tmp_path_factory):
     cases = [Case(_name(ep, d, drop), run_layer_case, dict(ep=ep, dispatcher=d, drop=drop))
              for ep, d in LAYOUTS for drop in ("none", "device")]
     cases += [Case(f"losses_ep{ep}", run_loss_case, dict(ep=ep)) for ep in (2, 4)]
+    cases += [Case("consistency", run_consistency_case, {})]
     return harness.launch_cases(cases, WORLD, timeout_s=300, workdir=str(tmp_path_factory.mktemp("dropping")))
 
 
@@ -252,3 +275,9 @@ def test_device_and_comm_losses_count_devices_from_the_ep_layout(launch, ep):
         one_device = balancing.comm_balance_loss(scores, experts, alpha=0.02, num_devices=1, max_devices=1,
                                                  num_sequences=B)
         assert result["losses"]["comm_loss"] != pytest.approx(float(one_device), rel=1e-3)
+
+
+def test_consistency_check_names_the_layer_and_the_diverged_rank(launch):
+    errors = [r["error"] for r in launch.results["consistency"]]
+    assert errors == ["expert_bias of layer 1 differs across ranks at step 0: ranks [2] disagree with rank 0; "
+                      "the count all-reduce group is misconfigured or a rank loaded another checkpoint"] * WORLD
