@@ -62,6 +62,8 @@ class BiasBalancer:
         self.original_finalize = original_finalize
         self.schedule = balancing.make_rate_schedule(
             lossfree.rate_schedule, lossfree.update_rate, lossfree.freeze_bias_after_tokens)
+        # Where a bias starts: the large-bias warning measures |b - origin|.
+        self.bias_origin = 1.0 if lossfree.bias_kind == "multiplicative" else 0.0
         self.tokens_seen = 0
         self.steps = 0
         self.last_counts: list[torch.Tensor] = []
@@ -150,8 +152,7 @@ class BiasBalancer:
         """All layers at once; returns a 0-d bool tensor: does any layer exceed the warning bound?"""
         new_LE = balancing.update_bias(self.flat_bias, counts_LE, rule=self.lossfree.update_rule, rate=rate)
         self.flat_bias.copy_(new_LE)
-        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
-        return ((new_LE - reference).abs() > self.lossfree.bias_warn_bound).any()
+        return ((new_LE - self.bias_origin).abs() > self.lossfree.bias_warn_bound).any()
 
     @torch.no_grad()
     def update_biases(self, counts: list[torch.Tensor], rate: float) -> None:
@@ -170,18 +171,17 @@ class BiasBalancer:
             self.check_bias_bound(members, new_LE)
 
     def check_bias_bound(self, members: list[int], bias_LE: torch.Tensor) -> None:
-        reference = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
-        peaks_L = (bias_LE - reference).abs().amax(dim=-1)
+        peaks_L = (bias_LE - self.bias_origin).abs().amax(dim=-1)
         if bool((peaks_L > self.lossfree.bias_warn_bound).any()):
             for i, peak in zip(members, peaks_L.tolist()):
-                self.warn_large_bias(self.routers[i], peak, reference)
+                self.warn_large_bias(self.routers[i], peak)
 
-    def warn_large_bias(self, router, peak: float, reference: float) -> None:
+    def warn_large_bias(self, router, peak: float) -> None:
         """Warn once per layer when |bias| exceeds the configured bound (a sign of a stuck expert)."""
         bound = self.lossfree.bias_warn_bound
         if peak > bound and not getattr(router, "_bias_warned", False):
             router._bias_warned = True
-            warnings.warn(f"expert_bias of {router.layer_name()} reached |b - {reference:g}| = {peak:.4g} > "
+            warnings.warn(f"expert_bias of {router.layer_name()} reached |b - {self.bias_origin:g}| = {peak:.4g} > "
                           f"--lossfree-bias-warn-bound ({bound:g}) at step {self.steps + 1}: an expert may be "
                           f"starved or the update rate too high", RuntimeWarning, stacklevel=2)
 
