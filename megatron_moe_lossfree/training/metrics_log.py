@@ -28,15 +28,15 @@ def _assemble(trainer, per_router_rows: list[Optional[torch.Tensor]]) -> tuple[t
     num_layers = trainer.config.num_layers
     width = max([r.local_tokens_per_expert.numel() for r in routers], default=1)
     width = int(_pp_max(torch.tensor([width]))[0])
-    table = torch.zeros(num_layers + 1, width + 1, dtype=torch.float64)  # last column: present flag
+    table = torch.zeros(num_layers, width + 1, dtype=torch.float64)  # last column: present flag
     for router, row in zip(routers, per_router_rows):
         if row is not None:
             table[router.layer_number - 1, : row.numel()] = row.double()
             table[router.layer_number - 1, -1] = 1.0
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
-    present = table[:num_layers, -1] > 0
-    return table[:num_layers, :-1][present], present
+    present = table[:, -1] > 0
+    return table[:, :-1][present], present
 
 
 def _pp_max(value: torch.Tensor) -> torch.Tensor:
