@@ -99,24 +99,37 @@ def drop_metrics(trainer) -> dict:
     """drop_fraction: dropped / assigned (token, expert) pairs, summed over all MoE layers, since the
     previous call (the counters reset here). Reduced over the balancer's group (the ranks that route
     distinct tokens) and the pipeline stages."""
+    if not dropping_enabled(trainer):
+        return {}
+    dropped, assigned = drop_window(trainer)
+    return {"drop_fraction": dropped / assigned} if assigned else {}
+
+
+def dropping_enabled(trainer) -> bool:
+    return getattr(getattr(trainer.config, "lossfree", None), "drop", "none") != "none"
+
+
+def drop_window(trainer) -> tuple[int, int]:
+    """(dropped, assigned) since the previous call, global, and the counters reset (a collective).
+
+    The window may span a checkpoint: ``trainer.drop_carry`` holds what a save took out of the layers
+    (and what a resumed job loaded), and is added here once.
+    """
     from megatron.core import parallel_state as ps
 
     from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
 
-    if getattr(getattr(trainer.config, "lossfree", None), "drop", "none") == "none":
-        return {}
-    layers = find_lossfree_layers(trainer.model)
     totals = torch.zeros(2, dtype=torch.int64)
-    for layer in layers:
+    for layer in find_lossfree_layers(trainer.model):
         totals += torch.stack([layer.local_dropped, layer.local_assigned]).cpu()
         layer.reset_drop_counts()
-    group = trainer.balancer.group
+    group = trainer.balancer.group if trainer.balancer is not None else None
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
-    dropped, assigned = int(totals[0]), int(totals[1])
-    return {"drop_fraction": dropped / assigned} if assigned else {}
+    carried, trainer.drop_carry = trainer.drop_carry, (0, 0)
+    return int(totals[0]) + carried[0], int(totals[1]) + carried[1]
 
 
 def aux_loss_metrics(trainer) -> dict:

@@ -88,6 +88,9 @@ class Trainer:
     logger: object
     step: int = 0
     history: list = field(default_factory=list)
+    drop_carry: tuple = (0, 0)
+    """(dropped, assigned) of the current log window taken out of the layers by a checkpoint save, or
+    loaded from one: the next logged drop fraction covers the whole window (metrics_log.drop_window)."""
 
     # -- one micro-batch ------------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):
@@ -218,13 +221,15 @@ def setup(args: argparse.Namespace) -> Trainer:
         lr_decay_steps=args.train_iters * gb, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
         end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gb, wd_incr_style="constant")
 
-    step = 0
+    step, drop_carry = 0, (0, 0)
     if args.load:
         common = load_checkpoint(args.load, model, optimizer, scheduler)
         if common is not None:
             step = int(common["iteration"])
-            if balancer is not None and common.get("lossfree"):
-                balancer.load_state_dict(common["lossfree"]["balancer"])
+            plugin = common.get("lossfree") or {}
+            if balancer is not None and plugin.get("balancer"):
+                balancer.load_state_dict(plugin["balancer"])
+            drop_carry = tuple(int(x) for x in plugin.get("drop_window") or (0, 0))
 
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     batches = dict(global_batch_size=gb, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
@@ -233,7 +238,8 @@ def setup(args: argparse.Namespace) -> Trainer:
     logger = RunLogger(args.out, enabled=_is_logging_rank(), total_steps=args.train_iters, start_step=step,
                        tensorboard_dir=args.tensorboard_dir, progress=not args.no_progress)
     return Trainer(args=args, config=config, model=model, optimizer=optimizer, scheduler=scheduler,
-                   train_data=train_data, valid_data=valid_data, balancer=balancer, logger=logger, step=step)
+                   train_data=train_data, valid_data=valid_data, balancer=balancer, logger=logger, step=step,
+                   drop_carry=drop_carry)
 
 
 def prepare_data(args, data_mod):
@@ -300,7 +306,21 @@ def train(trainer: Trainer) -> dict:
 
 
 def plugin_state(trainer: Trainer) -> dict:
-    return {"balancer": trainer.balancer.state_dict() if trainer.balancer is not None else None}
+    """The plugin's part of a checkpoint (a collective when dropping is on: call it on every rank).
+
+    - ``balancer``: tokens seen and steps (the V3 freeze point survives a resume); the biases themselves
+      are model buffers, saved with the weights;
+    - ``drop_window``: global (dropped, assigned) of the unfinished log window, so the first drop
+      fraction logged after a resume covers the same steps as in an uninterrupted run.
+    Exempt sequences need no state: they are a pure function of (seed, step, sample id).
+    """
+    from megatron_moe_lossfree.training.metrics_log import drop_window, dropping_enabled
+
+    state = {"balancer": trainer.balancer.state_dict() if trainer.balancer is not None else None}
+    if dropping_enabled(trainer):
+        trainer.drop_carry = drop_window(trainer)
+        state["drop_window"] = list(trainer.drop_carry)
+    return state
 
 
 def pretrain(args: argparse.Namespace) -> dict:
