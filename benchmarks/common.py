@@ -51,7 +51,14 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeat
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in samples.items()}
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v}
+            for name, v in samples.items()}
+
+
+def paired_ratio(stats: dict, name: str, base: str) -> float:
+    """Median over rounds of ``name``'s time / ``base``'s time in the same round of ``interleaved``: the two
+    ran back to back, so a change in machine load between rounds cancels out."""
+    return statistics.median(x / y for x, y in zip(stats[name]["samples"], stats[base]["samples"]))
 
 
 def machine() -> str:

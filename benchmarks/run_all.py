@@ -22,7 +22,7 @@ def main() -> int:
     start = time.time()
     steps = [("router", bench_router.main, ["--quick"] if "--quick" in sys.argv else []),
              ("bias update", bench_bias_update.main, []),
-             ("training step", bench_train_step.main, ["--steps", "40", "--repeat", "2"])]
+             ("training step", bench_train_step.main, [])]
     if bench_moe_layer is not None:
         steps.insert(2, ("MoE layer", bench_moe_layer.main, []))
     for name, fn, args in steps:

@@ -161,9 +161,14 @@ class LossFreeRouter(TopKRouter):
         return gates_TK
 
     def note_nonfinite(self, logits_TE: torch.Tensor) -> None:
-        """Remember NaN/inf logits without a host sync; ``raise_if_nonfinite`` reports once per step."""
+        """Remember NaN/inf logits without a host sync; ``raise_if_nonfinite`` reports once per step.
+
+        One fp32 reduction instead of an elementwise ``isfinite`` pass (measured: the router's only
+        visible overhead on CPU): a NaN or inf logit makes the sum NaN or inf. The sum of finite logits
+        could only overflow if they reached ~1e32, a divergence worth the same error.
+        """
         with torch.no_grad():
-            self.nonfinite_logits += (~torch.isfinite(logits_TE)).any()
+            self.nonfinite_logits += ~torch.isfinite(logits_TE.sum(dtype=torch.float32))
 
     def raise_if_nonfinite(self, step: Optional[int] = None) -> None:
         if bool(self.nonfinite_logits):

@@ -47,47 +47,85 @@ def _pp_max(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def computation_batch_maxvio(trainer) -> list[Optional[float]]:
-    """Per local router: mean over micro-batches of MaxVio of the EP-group-summed micro-batch counts."""
+def _stack_or_pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[n, width] float64: the rows stacked (one op when they have equal widths), zero-padded otherwise."""
+    if all(r.numel() == width for r in rows):
+        return torch.stack([r.reshape(-1) for r in rows]).double()
+    out = torch.zeros(len(rows), width, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r.reshape(-1).double()
+    return out
+
+
+def _batch_maxvio(counts: list[torch.Tensor]) -> torch.Tensor:
+    """[L] MaxVio of each local router's [E] counts (vectorised over layers of equal width)."""
+    if len({c.numel() for c in counts}) == 1:
+        return metrics.max_violation(torch.stack(counts))
+    return torch.cat([metrics.max_violation(c.view(1, -1)) for c in counts])
+
+
+def computation_batch_maxvio(trainer) -> torch.Tensor:
+    """[L] per local router: mean over micro-batches of MaxVio of the EP-group-summed micro-batch counts
+    (-1 where a router has no micro-batch counts)."""
     from megatron.core import parallel_state as ps
 
     stacks = trainer.balancer.last_micro_batch_counts
     if not stacks or any(s is None for s in stacks):
-        return [None] * len(stacks)
+        return torch.full((len(stacks),), -1.0, dtype=torch.float64)
     flat = torch.cat([s.flatten() for s in stacks])
     if ps.get_expert_model_parallel_world_size() > 1:
         dist.all_reduce(flat, group=ps.get_expert_model_parallel_group())
+    if len({tuple(s.shape) for s in stacks}) == 1:  # [L, M, E]: one vectorised MaxVio
+        L, (M, E) = len(stacks), stacks[0].shape
+        return metrics.max_violation(flat.view(L * M, E)).view(L, M).mean(dim=1)
     values, offset = [], 0
     for s in stacks:
-        block = flat[offset: offset + s.numel()].view_as(s)
+        values.append(metrics.max_violation(flat[offset: offset + s.numel()].view_as(s)).mean())
         offset += s.numel()
-        values.append(float(metrics.max_violation(block).mean()))
-    return values
+    return torch.stack(values)
 
 
 def step_metrics(trainer) -> dict:
-    """MaxVio_batch / computation-batch (mean and per layer), loads, biases and balance losses."""
+    """MaxVio_batch / computation-batch (mean and per layer), loads, biases and balance losses.
+
+    Cheap enough for every step: the per-layer values are computed as [L, ...] tensors, packed into ONE
+    table (PP: one all-reduce assembles the stages' layers) and read with ONE host sync.
+    """
     balancer = trainer.balancer
     if balancer is None or not balancer.routers or not balancer.last_counts:
         return {}
-    routers = balancer.routers
-    scalars = [torch.tensor([float(metrics.max_violation(c)), float(c.numel()), v if v is not None else -1.0],
-                            dtype=torch.float64)
-               for c, v in zip(balancer.last_counts, computation_batch_maxvio(trainer))]
-    scalars_L3, _ = _assemble(trainer, scalars)
-    loads_LE, _ = _assemble(trainer, balancer.last_counts)
-    bias_LE, _ = _assemble(trainer, [r.expert_bias for r in routers])
-    widths = [int(w) for w in scalars_L3[:, 1]]
-    maxvio = scalars_L3[:, 0].tolist()
-    compute = [v for v in scalars_L3[:, 2].tolist() if v >= 0]
+    routers, counts = balancer.routers, balancer.last_counts
+    width = int(_pp_max(torch.tensor([max(c.numel() for c in counts)]))[0])
+    has_bias = routers[0].expert_bias is not None  # balancing "none" has no bias (the same on every stage)
+    # Columns: present, MaxVio_batch, width, MaxVio_computation (-1: none), loads [width], bias [width].
+    columns = [
+        torch.ones(len(routers), 1, dtype=torch.float64),
+        _batch_maxvio(counts).view(-1, 1),
+        torch.tensor([[float(c.numel())] for c in counts], dtype=torch.float64),
+        computation_batch_maxvio(trainer).view(-1, 1),
+        _stack_or_pad(counts, width),
+    ]
+    if has_bias:
+        columns.append(_stack_or_pad([r.expert_bias.detach() for r in routers], width))
+    rows = torch.cat(columns, dim=1)
+    table = torch.zeros(trainer.config.num_layers, rows.shape[1], dtype=torch.float64)
+    table.index_copy_(0, torch.tensor([r.layer_number - 1 for r in routers]), rows)
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
+    layers = [row for row in table.tolist() if row[0] > 0]  # the one host sync
+    maxvio = [row[1] for row in layers]
+    widths = [int(row[2]) for row in layers]
+    compute = [row[3] for row in layers if row[3] >= 0]
     out = {
         "maxvio_batch": sum(maxvio) / len(maxvio),
         "maxvio_batch_layers": maxvio,
-        "loads_layers": [[int(x) for x in row[:w]] for row, w in zip(loads_LE, widths)],
+        "loads_layers": [[int(x) for x in row[4: 4 + w]] for row, w in zip(layers, widths)],
     }
-    if bias_LE.numel():
-        out["bias_layers"] = [row[:w].tolist() for row, w in zip(bias_LE, widths)]
-        out["bias_absmax_layers"] = [float(row[:w].abs().max()) for row, w in zip(bias_LE, widths)]
+    if has_bias:
+        bias = [row[4 + width: 4 + width + w] for row, w in zip(layers, widths)]
+        out.update(bias_layers=bias, bias_absmax_layers=[max(abs(x) for x in b) for b in bias])
     if len(compute) == len(maxvio):
         out["maxvio_compute"] = sum(compute) / len(compute)
     out.update(aux_loss_metrics(trainer))
@@ -119,9 +157,11 @@ def drop_window(trainer) -> tuple[int, int]:
 
     from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
 
+    layers = find_lossfree_layers(trainer.model)
     totals = torch.zeros(2, dtype=torch.int64)
-    for layer in find_lossfree_layers(trainer.model):
-        totals += torch.stack([layer.local_dropped, layer.local_assigned]).cpu()
+    if layers:
+        totals += torch.stack([torch.stack([l.local_dropped, l.local_assigned]) for l in layers]).sum(0).cpu()
+    for layer in layers:
         layer.reset_drop_counts()
     group = trainer.balancer.group if trainer.balancer is not None else None
     if group is not None and dist.get_world_size(group) > 1:
@@ -134,11 +174,14 @@ def drop_window(trainer) -> tuple[int, int]:
 
 def aux_loss_metrics(trainer) -> dict:
     """The balance losses of the last micro-batch, mean over this stage's layers (logged when on)."""
-    sums: dict[str, list[float]] = {}
+    losses: dict[str, list[torch.Tensor]] = {}
     for router in trainer.balancer.routers:
         for name, value in router.last_aux_losses.items():
-            sums.setdefault(name, []).append(float(value))
-    return {name: sum(v) / len(v) for name, v in sums.items()}
+            losses.setdefault(name, []).append(value.detach().reshape(()).double())
+    if not losses:
+        return {}
+    means = torch.stack([torch.stack(v).mean() for v in losses.values()]).tolist()  # one host sync
+    return dict(zip(losses, means))
 
 
 def reset_eval_counts(trainer) -> None:

@@ -188,11 +188,7 @@ def setup(args: argparse.Namespace) -> Trainer:
             f"({tokenizer.vocab_size}): set --vocab-size {tokenizer.vocab_size} or more")
     data_mod.check_split(prefixes, args.split)
 
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    init_model_parallel(args)
     compat.seed_model_parallel_rng(args.seed)
     torch.manual_seed(args.seed)
     gb, evals = args.global_batch_size, args.train_iters // args.eval_interval + 1
@@ -240,6 +236,30 @@ def setup(args: argparse.Namespace) -> Trainer:
     return Trainer(args=args, config=config, model=model, optimizer=optimizer, scheduler=scheduler,
                    train_data=train_data, valid_data=valid_data, balancer=balancer, logger=logger, step=step,
                    drop_carry=drop_carry)
+
+
+def init_model_parallel(args: argparse.Namespace) -> None:
+    """Megatron's parallel state for ``args``; a second ``setup`` in one process (a notebook, the
+    training-step benchmark) reuses it when the layout is the same, and refuses a different one."""
+    from megatron.core import parallel_state as ps
+
+    sizes = dict(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                 expert_model_parallel_size=args.expert_model_parallel_size,
+                 expert_tensor_parallel_size=args.expert_tensor_parallel_size or args.tensor_model_parallel_size)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(**sizes)
+        return
+    current = dict(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                   pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+                   expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+                   expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size())
+    if current != sizes:
+        differ = ", ".join(f"--{k.replace('_', '-')} {sizes[k]} (initialized: {current[k]})"
+                           for k in sizes if sizes[k] != current[k])
+        raise LossFreeConfigError(f"Megatron's parallel state is already initialized with another layout: "
+                                  f"{differ}; call megatron.core.parallel_state.destroy_model_parallel() "
+                                  f"first or use the same layout")
 
 
 def prepare_data(args, data_mod):

@@ -22,13 +22,15 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen(cli("--train-iters", "40", "--save", str(ckpt), "--save-interval", "2",
                                 "--out", str(tmp_path / "a")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=dict(os.environ, TORCHDYNAMO_DISABLE="1"))
     partial = ckpt / "iter_0000004.tmp"
     deadline = time.time() + 240
     while not partial.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)  # while iter 4 is being written
+    # While iter 4 is being written: the whole job, as a node failure or the OOM killer would (killing only
+    # the main process would leave the checkpoint writer's helper process orphaned on this machine).
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert partial.exists(), "the save of step 4 should have been in flight"
     assert not (ckpt / "iter_0000004").exists()

@@ -58,3 +58,18 @@ def test_layout_that_does_not_fit_the_world_is_refused(layout, world, message):
     with pytest.raises(LossFreeConfigError) as info:
         check_world(parse_args(layout), world)
     assert str(info.value) == message
+
+
+def test_second_setup_in_one_process_reuses_the_same_layout_and_refuses_another(megatron_world):
+    from megatron.core import parallel_state as ps
+
+    from megatron_moe_lossfree.training.pretrain import init_model_parallel
+
+    group = ps.get_data_parallel_group()
+    init_model_parallel(parse_args([]))  # the same (1-rank) layout: kept as it is
+    assert ps.get_data_parallel_group() is group
+    with pytest.raises(LossFreeConfigError) as info:
+        init_model_parallel(parse_args(["--expert-model-parallel-size", "2"]))
+    assert str(info.value) == (
+        "Megatron's parallel state is already initialized with another layout: --expert-model-parallel-size 2 "
+        "(initialized: 1); call megatron.core.parallel_state.destroy_model_parallel() first or use the same layout")

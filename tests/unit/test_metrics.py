@@ -66,3 +66,44 @@ def test_max_violation_rejects_bad_shape():
         "pass the tokens per expert (per layer)"
     ):
         max_violation(torch.zeros(2, 2, 2, dtype=torch.int64))
+
+
+def _stub_trainer(counts, micro, biases, layer_numbers, num_layers=6, aux=None):
+    from types import SimpleNamespace
+
+    from megatron_moe_lossfree.config import LossFreeConfig
+
+    routers = [SimpleNamespace(layer_number=n, expert_bias=b, last_aux_losses=aux or {})
+               for n, b in zip(layer_numbers, biases)]
+    balancer = SimpleNamespace(routers=routers, last_counts=counts, last_micro_batch_counts=micro, group=None)
+    config = SimpleNamespace(num_layers=num_layers, lossfree=LossFreeConfig())
+    return SimpleNamespace(balancer=balancer, config=config, model=None)
+
+
+@pytest.mark.parametrize("widths", [(4, 4), (4, 2)], ids=["equal_widths", "mixed_widths"])
+def test_step_metrics_table_has_exact_per_layer_values(megatron_world, widths):
+    """The packed one-sync table gives the hand-computed numbers, layer by layer (global layer numbers)."""
+    from megatron_moe_lossfree.training.metrics_log import step_metrics
+
+    loads = {4: [6, 2, 4, 4], 2: [3, 1]}
+    counts = [torch.tensor(loads[4]), torch.tensor(loads[widths[1]])]
+    # two micro-batches per layer: MaxVio [8,0,0,0] = 3 and [2,2,2,2] = 0 -> 1.5; [3,1] = 0.5, [1,1] = 0
+    micro = [torch.tensor([[8, 0, 0, 0], [2, 2, 2, 2]]),
+             torch.tensor([[8, 0, 0, 0], [2, 2, 2, 2]]) if widths[1] == 4 else torch.tensor([[3, 1], [1, 1]])]
+    biases = [torch.tensor([-1e-3, 1e-3, 0.0, 0.0]), torch.tensor([2e-3, -5e-3, 0.0, 1e-3][: widths[1]])]
+    aux = {"seq_aux_loss": torch.tensor(0.25)}
+    m = step_metrics(_stub_trainer(counts, micro, biases, layer_numbers=[2, 5], aux=aux))
+    assert m["maxvio_batch_layers"] == [0.5, 0.5]  # [6,2,4,4]: (6-4)/4; [3,1]: (3-2)/2
+    assert m["maxvio_batch"] == 0.5
+    assert m["maxvio_compute"] == (1.5 + (1.5 if widths[1] == 4 else 0.25)) / 2
+    assert m["loads_layers"] == [loads[4], loads[widths[1]]]
+    assert m["bias_layers"] == [b.double().tolist() for b in biases]
+    assert m["bias_absmax_layers"] == [float(torch.tensor(1e-3)), float(torch.tensor(5e-3))]  # fp32 values
+    assert m["seq_aux_loss"] == 0.25
+
+
+def test_step_metrics_without_bias_or_micro_batch_counts(megatron_world):
+    from megatron_moe_lossfree.training.metrics_log import step_metrics
+
+    m = step_metrics(_stub_trainer([torch.tensor([1, 3])], [None], [None], layer_numbers=[1]))
+    assert m == {"maxvio_batch": 0.5, "maxvio_batch_layers": [0.5], "loads_layers": [[1, 3]]}

@@ -131,6 +131,22 @@ def test_nonfinite_logits_name_the_layer_and_step(megatron_world):
         balancer.step()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "inf and -inf"])
+def test_any_single_nonfinite_logit_is_flagged(megatron_world, bad):
+    router = make_router(megatron_world)
+    logits = torch.randn(8, E) * 30
+    router.note_nonfinite(logits)
+    assert int(router.nonfinite_logits) == 0
+    if bad == "inf and -inf":  # a sum would cancel to NaN, never to a finite value
+        logits[3, 1], logits[5, 2] = float("inf"), -float("inf")
+    else:
+        logits[3, 1] = bad
+    router.note_nonfinite(logits)
+    assert int(router.nonfinite_logits) == 1
+    router.note_nonfinite(logits.bfloat16())
+    assert int(router.nonfinite_logits) == 2
+
+
 def test_balancer_updates_each_layer_once_with_exact_values(megatron_world):
     from megatron_moe_lossfree.megatron.balancer import BiasBalancer
 
