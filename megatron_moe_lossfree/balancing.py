@@ -107,11 +107,16 @@ def update_bias(
             f"pass one count per expert (per layer)"
         )
     with torch.no_grad():
-        counts_f64 = counts.to(device=bias.device, dtype=torch.float64)
-        mean = counts_f64.mean(dim=-1, keepdim=True)
-        error = mean - counts_f64
-        new_bias = rule_fn(bias.detach().to(torch.float64), error, mean, float(rate))
-        return new_bias.to(bias.dtype)
+        return apply_update_rule(rule_fn, bias, counts, float(rate))
+
+
+def apply_update_rule(rule_fn: Callable, bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """The arithmetic of ``update_bias`` without its argument checks, for a caller that checked its
+    (fixed) buffers once (``BiasBalancer``). e = mean(c) - c per layer, in float64."""
+    counts_f64 = counts.to(device=bias.device, dtype=torch.float64)
+    mean = counts_f64.mean(dim=-1, keepdim=True)
+    new_bias = rule_fn(bias.detach().to(torch.float64), mean - counts_f64, mean, rate)
+    return new_bias.to(bias.dtype)
 
 
 def check_rate(rate: float, field: str) -> None:

@@ -68,6 +68,7 @@ class BiasBalancer:
         self.steps = 0
         self.last_counts: list[torch.Tensor] = []
         self.last_micro_batch_counts: list = []
+        self._checked_update = False
         self._bind_flat_buffers()
 
     def _bind_flat_buffers(self) -> None:
@@ -129,7 +130,7 @@ class BiasBalancer:
                 self.update_biases(counts, rate)
         # One host sync for the step: non-finite flags, token count, large-bias check.
         probe = [flags.sum(), counts[0].sum()] + ([over_bound] if over_bound is not None else [])
-        values = torch.stack([p.to(torch.int64) for p in probe]).tolist()
+        values = torch.stack(probe).tolist()  # all int64
         if values[0]:  # summed over ranks: every rank raises, naming the same layer
             for router, flag in zip(self.routers, flags.tolist()):
                 router.nonfinite_logits.fill_(flag)
@@ -149,10 +150,19 @@ class BiasBalancer:
 
     @torch.no_grad()
     def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
-        """All layers at once; returns a 0-d bool tensor: does any layer exceed the warning bound?"""
-        new_LE = balancing.update_bias(self.flat_bias, counts_LE, rule=self.lossfree.update_rule, rate=rate)
+        """All layers at once; returns a 0-d int64 tensor: does any layer exceed the warning bound?
+
+        The first step goes through ``balancing.update_bias`` and its argument checks; the buffers are
+        fixed (fp32 [L, E] bias, int64 [L, E] counts), so later steps apply the rule directly.
+        """
+        if self._checked_update:
+            new_LE = balancing.apply_update_rule(self._rule_fn, self.flat_bias, counts_LE, rate)
+        else:
+            new_LE = balancing.update_bias(self.flat_bias, counts_LE, rule=self.lossfree.update_rule, rate=rate)
+            self._rule_fn, self._checked_update = balancing.UPDATE_RULES[self.lossfree.update_rule], True
         self.flat_bias.copy_(new_LE)
-        return ((new_LE - self.bias_origin).abs() > self.lossfree.bias_warn_bound).any()
+        offset = new_LE - self.bias_origin if self.bias_origin else new_LE
+        return (offset.abs() > self.lossfree.bias_warn_bound).any().long()
 
     @torch.no_grad()
     def update_biases(self, counts: list[torch.Tensor], rate: float) -> None:
