@@ -69,6 +69,10 @@ class BiasBalancer:
         self.last_counts: list[torch.Tensor] = []
         self.last_micro_batch_counts: list = []
         self._checked_update = False
+        # Where a training loop that does not save the balancer's state keeps its own progress:
+        # () -> (steps, tokens_seen), read once, at the first step, unless load_state_dict ran.
+        self.progress_source: Optional[Callable[[], tuple[int, int]]] = None
+        self._progress_known = False
         self._bind_flat_buffers()
 
     def _bind_flat_buffers(self) -> None:
@@ -99,6 +103,10 @@ class BiasBalancer:
     # Megatron calls config.finalize_model_grads_func(model, num_tokens, ...).
     def __call__(self, *args, **kwargs):
         result = self.original_finalize(*args, **kwargs) if self.original_finalize is not None else None
+        if not self._progress_known:
+            self._progress_known = True
+            if self.progress_source is not None:
+                self.steps, self.tokens_seen = (int(x) for x in self.progress_source())
         self.step()
         return result
 
@@ -221,6 +229,7 @@ class BiasBalancer:
     def load_state_dict(self, state: dict) -> None:
         self.tokens_seen = int(state["tokens_seen"])
         self.steps = int(state["steps"])
+        self._progress_known = True
 
 
 def install_bias_balancer(config, model_chunks, lossfree: LossFreeConfig) -> BiasBalancer:

@@ -45,7 +45,20 @@ class InstallBalancerHook:
 
         config = get_model_config(model_chunks[0])  # the object train() reads finalize_model_grads_func from
         self.balancer = install_bias_balancer(config, model_chunks, self.lossfree)
+        self.balancer.progress_source = megatron_lm_progress
         return model_chunks
+
+
+def megatron_lm_progress() -> tuple[int, int]:
+    """(steps, tokens seen) from Megatron-LM's own counters, which its checkpoints restore: the balancer's
+    are not in them. Read at the first bias update, when ``args.iteration`` and
+    ``args.consumed_train_samples`` hold the steps and samples trained before this job (0 for a fresh
+    run). Every token of a sample is routed (masked ones too), so tokens = samples x ``--seq-length``:
+    the V3 freeze point (``--lossfree-rate-schedule v3``) survives a Megatron-LM resume."""
+    from megatron.training.global_vars import get_args
+
+    args = get_args()
+    return int(args.iteration), int(args.consumed_train_samples) * int(args.seq_length)
 
 
 def attach_lossfree(model_config, lossfree: LossFreeConfig) -> None:

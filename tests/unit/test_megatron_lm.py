@@ -1,6 +1,7 @@
 """Megatron-LM hooks (megatron_lm.py) that run without a Megatron-LM checkout: options attached to the
 TransformerConfig, exactly one balancer hook, Megatron's own bias update refused."""
 
+import sys
 import types
 
 import pytest
@@ -39,3 +40,55 @@ def test_megatron_expert_bias_is_allowed_when_the_plugin_does_not_balance():
     config = model_config(moe_router_enable_expert_bias=True)
     attach_lossfree(config, LossFreeConfig(balancing="none"))
     assert config.transformer.lossfree.balancing == "none"
+
+
+@pytest.fixture
+def megatron_lm_args(monkeypatch):
+    """A stand-in for ``megatron.training.global_vars`` (Megatron-LM is not installed here): a job resumed
+    after 3 iterations of 4 samples x 64 tokens."""
+    args = types.SimpleNamespace(iteration=3, consumed_train_samples=12, seq_length=64)
+    module = types.ModuleType("megatron.training.global_vars")
+    module.get_args = lambda: args
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.global_vars", module)
+    return args
+
+
+def _v3_balancer(megatron_world, freeze_after_tokens):
+    import torch
+
+    from megatron_moe_lossfree.megatron.balancer import BiasBalancer
+    from megatron_moe_lossfree.megatron.megatron_lm import megatron_lm_progress
+    from tests.unit.test_router import K, make_router
+
+    lossfree = LossFreeConfig(update_rate=1e-3, rate_schedule="v3", freeze_bias_after_tokens=freeze_after_tokens)
+    model = torch.nn.ModuleList([make_router(megatron_world, lossfree=lossfree)])
+    balancer = BiasBalancer([model], lossfree, group=None, topk=K)
+    balancer.progress_source = megatron_lm_progress
+    counts = torch.tensor([60, 4, 4, 4, 4, 4, 4, 44])  # 128 assignments = 64 tokens x K 2
+
+    def step():
+        model[0].local_tokens_per_expert.copy_(counts)
+        balancer([model], None)
+        return model[0].expert_bias.clone()
+
+    return balancer, step
+
+
+def test_resumed_megatron_lm_run_keeps_the_v3_freeze_point(megatron_world, megatron_lm_args):
+    import torch
+
+    # Megatron-LM's checkpoints do not hold the balancer: its step and token counts come from
+    # args.iteration and args.consumed_train_samples x --seq-length at the first update.
+    balancer, step = _v3_balancer(megatron_world, freeze_after_tokens=800)
+    first = step()
+    assert (balancer.steps, balancer.tokens_seen) == (4, 12 * 64 + 64)
+    assert torch.equal(first.abs(), torch.full_like(first, 1e-3))  # 768 tokens < 800: the rate is u
+    assert torch.equal(step(), first)  # 832 tokens >= 800: frozen, as in the uninterrupted run
+
+
+def test_loaded_balancer_state_wins_over_the_progress_source(megatron_world, megatron_lm_args):
+    balancer, step = _v3_balancer(megatron_world, freeze_after_tokens=800)
+    balancer.load_state_dict({"steps": 10, "tokens_seen": 100})
+    step()
+    assert (balancer.steps, balancer.tokens_seen) == (11, 164)
