@@ -49,7 +49,7 @@ def run_fail(*args):
     return proc.stderr.strip().splitlines()[-1]
 
 
-def test_truncated_checkpoint_and_missing_bias_are_refused_by_name(tmp_path):
+def test_truncated_foreign_and_biasless_checkpoints_are_refused_by_name(tmp_path):
     ckpt = tmp_path / "ckpt"
     run_cli("--train-iters", "2", "--save", str(ckpt), "--out", str(tmp_path / "a"),
             "--lossfree-balancing", "none")
@@ -57,6 +57,12 @@ def test_truncated_checkpoint_and_missing_bias_are_refused_by_name(tmp_path):
     line = run_fail("--train-iters", "3", "--load", str(ckpt), "--out", str(tmp_path / "b"))
     assert line.startswith(f"error: --load checkpoint {ckpt}/iter_0000002 does not match this model (the "
                            f"checkpoint has no expert_bias: it was saved without bias balancing;")
+    # A checkpoint of another model shape (hidden 64 saved, 128 asked for) is refused, naming the mismatch.
+    line = run_fail("--train-iters", "3", "--load", str(ckpt), "--out", str(tmp_path / "e"),
+                    "--lossfree-balancing", "none", "--hidden-size", "128")
+    assert line.startswith(f"error: --load checkpoint {ckpt}/iter_0000002 does not match this model (")
+    assert "shape" in line and line.endswith(
+        ": use the same model shape and parallel layout flags as the run that saved it"), line
     # A checkpoint whose metadata is gone (a truncated copy) is reported by name, never loaded.
     os.remove(ckpt / "iter_0000002" / "metadata.json")
     line = run_fail("--train-iters", "3", "--load", str(ckpt), "--out", str(tmp_path / "c"),
