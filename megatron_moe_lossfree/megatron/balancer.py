@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_moe_lossfree import balancing
 from megatron_moe_lossfree.config import LossFreeConfig
 from megatron_moe_lossfree.megatron.router import LossFreeRouter
+from megatron_moe_lossfree.routing import lookup_choice
 
 
 def find_routers(model_chunks) -> list[LossFreeRouter]:
@@ -68,7 +69,10 @@ class BiasBalancer:
         self.steps = 0
         self.last_counts: list[torch.Tensor] = []
         self.last_micro_batch_counts: list = []
-        self._checked_update = False
+        # The flat buffers are built here with fixed dtypes and shapes (fp32 [L, E] bias, int64 [L, E]
+        # counts) and the rate is checked by the schedule, so the step applies the rule without
+        # ``update_bias``'s per-call argument checks.
+        self._rule_fn = lookup_choice(balancing.UPDATE_RULES, lossfree.update_rule, "update_rule")
         # Where a training loop that does not save the balancer's state keeps its own progress:
         # () -> (steps, tokens_seen), read once, at the first step, unless load_state_dict ran.
         self.progress_source: Optional[Callable[[], tuple[int, int]]] = None
@@ -158,19 +162,10 @@ class BiasBalancer:
 
     @torch.no_grad()
     def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
-        """All layers at once; returns a 0-d int64 tensor: does any layer exceed the warning bound?
-
-        The first step goes through ``balancing.update_bias`` and its argument checks; the buffers are
-        fixed (fp32 [L, E] bias, int64 [L, E] counts), so later steps apply the rule directly.
-        """
-        if self._checked_update:
-            new_LE = balancing.apply_update_rule(self._rule_fn, self.flat_bias, counts_LE, rate)
-        else:
-            new_LE = balancing.update_bias(self.flat_bias, counts_LE, rule=self.lossfree.update_rule, rate=rate)
-            self._rule_fn, self._checked_update = balancing.UPDATE_RULES[self.lossfree.update_rule], True
+        """All layers at once; returns a 0-d int64 tensor: does any layer exceed the warning bound?"""
+        new_LE = balancing.apply_update_rule(self._rule_fn, self.flat_bias, counts_LE, rate)
         self.flat_bias.copy_(new_LE)
-        offset = new_LE - self.bias_origin if self.bias_origin else new_LE
-        return (offset.abs() > self.lossfree.bias_warn_bound).any().long()
+        return ((new_LE - self.bias_origin).abs() > self.lossfree.bias_warn_bound).any().long()
 
     @torch.no_grad()
     def update_biases(self, counts: list[torch.Tensor], rate: float) -> None:

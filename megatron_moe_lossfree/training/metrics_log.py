@@ -12,7 +12,6 @@ logging steps only. Layers are indexed by Megatron's global layer number; dense 
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -20,23 +19,20 @@ import torch.distributed as dist
 from megatron_moe_lossfree import metrics
 
 
-def _assemble(trainer, per_router_rows: list[Optional[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter each local router's [E] row into an [L, E_max] table summed over PP; (table, present)."""
+def _by_layer(trainer, rows: torch.Tensor) -> list[list[float]]:
+    """Row i of ``rows`` [local routers, C] belongs to local router i. Returns the rows of every MoE layer
+    of the model, in global layer order: the pipeline stages' rows are assembled by ONE all-reduce (every
+    stage passes the same C) and read with ONE host sync."""
     from megatron.core import parallel_state as ps
 
     routers = trainer.balancer.routers
-    num_layers = trainer.config.num_layers
-    width = max([r.local_tokens_per_expert.numel() for r in routers], default=1)
-    width = int(_pp_max(torch.tensor([width]))[0])
-    table = torch.zeros(num_layers, width + 1, dtype=torch.float64)  # last column: present flag
-    for router, row in zip(routers, per_router_rows):
-        if row is not None:
-            table[router.layer_number - 1, : row.numel()] = row.double()
-            table[router.layer_number - 1, -1] = 1.0
+    present = torch.ones(len(routers), 1, dtype=torch.float64)
+    table = torch.zeros(trainer.config.num_layers, 1 + rows.shape[1], dtype=torch.float64)
+    table.index_copy_(0, torch.tensor([r.layer_number - 1 for r in routers]),
+                      torch.cat([present, rows.double()], dim=1))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
-    present = table[:, -1] > 0
-    return table[:, :-1][present], present
+    return [row[1:] for row in table.tolist() if row[0] > 0]
 
 
 def _pp_max(value: torch.Tensor) -> torch.Tensor:
@@ -97,9 +93,8 @@ def step_metrics(trainer) -> dict:
     routers, counts = balancer.routers, balancer.last_counts
     width = int(_pp_max(torch.tensor([max(c.numel() for c in counts)]))[0])
     has_bias = routers[0].expert_bias is not None  # balancing "none" has no bias (the same on every stage)
-    # Columns: present, MaxVio_batch, width, MaxVio_computation (-1: none), loads [width], bias [width].
+    # Columns: MaxVio_batch, width, MaxVio_computation (-1: none), loads [width], bias [width].
     columns = [
-        torch.ones(len(routers), 1, dtype=torch.float64),
         _batch_maxvio(counts).view(-1, 1),
         torch.tensor([[float(c.numel())] for c in counts], dtype=torch.float64),
         computation_batch_maxvio(trainer).view(-1, 1),
@@ -107,24 +102,17 @@ def step_metrics(trainer) -> dict:
     ]
     if has_bias:
         columns.append(_stack_or_pad([r.expert_bias.detach() for r in routers], width))
-    rows = torch.cat(columns, dim=1)
-    table = torch.zeros(trainer.config.num_layers, rows.shape[1], dtype=torch.float64)
-    table.index_copy_(0, torch.tensor([r.layer_number - 1 for r in routers]), rows)
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
-    layers = [row for row in table.tolist() if row[0] > 0]  # the one host sync
-    maxvio = [row[1] for row in layers]
-    widths = [int(row[2]) for row in layers]
-    compute = [row[3] for row in layers if row[3] >= 0]
+    layers = _by_layer(trainer, torch.cat(columns, dim=1))
+    maxvio = [row[0] for row in layers]
+    widths = [int(row[1]) for row in layers]
+    compute = [row[2] for row in layers if row[2] >= 0]
     out = {
         "maxvio_batch": sum(maxvio) / len(maxvio),
         "maxvio_batch_layers": maxvio,
-        "loads_layers": [[int(x) for x in row[4: 4 + w]] for row, w in zip(layers, widths)],
+        "loads_layers": [[int(x) for x in row[3: 3 + w]] for row, w in zip(layers, widths)],
     }
     if has_bias:
-        bias = [row[4 + width: 4 + width + w] for row, w in zip(layers, widths)]
+        bias = [row[3 + width: 3 + width + w] for row, w in zip(layers, widths)]
         out.update(bias_layers=bias, bias_absmax_layers=[max(abs(x) for x in b) for b in bias])
     if len(compute) == len(maxvio):
         out["maxvio_compute"] = sum(compute) / len(compute)
@@ -199,7 +187,5 @@ def eval_metrics(trainer) -> dict:
     if balancer.group is not None and dist.get_world_size(balancer.group) > 1:
         dist.all_reduce(counts, group=balancer.group)
     rows = list(counts.split([r.eval_tokens_per_expert.numel() for r in balancer.routers]))
-    per_layer = [metrics.max_violation(row) for row in rows]
-    table, _ = _assemble(trainer, [torch.tensor([v]) for v in per_layer])
-    values = table[:, 0].tolist()
+    values = [row[0] for row in _by_layer(trainer, _batch_maxvio(rows).view(-1, 1))]
     return {"maxvio_global": sum(values) / len(values), "maxvio_global_layers": values}

@@ -23,11 +23,10 @@ The flags make the resumed part depend on each piece of restored state:
 from __future__ import annotations
 
 import os
-from typing import Sequence
 
 import torch
 
-from tests.distributed.layout_cases import _diff_against_checkpoint, _parse
+from tests.distributed.layout_cases import _diff_against_checkpoint, _setup
 
 STEPS = 4
 SAVE_AT = 2
@@ -42,12 +41,6 @@ RESUME_LAYOUTS = {
     "ep2_device_drop": ["--expert-model-parallel-size", "2", "--lossfree-drop", "device"],
     "pp2_expert_drop": ["--pipeline-model-parallel-size", "2", "--lossfree-drop", "expert"],
 }
-
-
-def _setup(flags: Sequence[str], out: str):
-    from megatron_moe_lossfree.training.pretrain import setup
-
-    return setup(_parse(flags, out))
 
 
 def _run_steps(trainer, until: int) -> list:
