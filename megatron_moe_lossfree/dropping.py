@@ -13,6 +13,7 @@ Papers: V2 = arXiv 2405.04434 (section 2.2.4, token dropping), GShard / Switch (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -226,6 +227,22 @@ def select_exempt_sequences(
         )
     flags = [hash_uniform(int(seed), int(step), sample_id) < fraction for sample_id in ids.tolist()]
     return torch.tensor(flags, dtype=torch.bool, device=ids.device)
+
+
+@dataclass(frozen=True)
+class ExemptContext:
+    """One micro-batch's exempt flags, fixed when its forward starts.
+
+    Made by ``megatron.exempt.make_context`` and read by ``LossFreeMoELayer``; it lives here, below both,
+    so that the layer does not import the module that hands the context out.
+    """
+
+    step: int
+    """Optimizer step the micro-batch belongs to (seeds the choice, REFERENCE 7)."""
+    sample_ids_B: torch.Tensor
+    """int64 [B]: global sample index of each sequence of the micro-batch."""
+    exempt_B: torch.Tensor
+    """bool [B]: True for the sequences whose tokens are never dropped."""
 
 
 # --------------------------------------------------------------------------------------------------

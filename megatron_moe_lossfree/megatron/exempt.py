@@ -30,23 +30,13 @@ Evaluation never drops, so evaluation forwards need no scope (it is harmless to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from megatron_moe_lossfree import dropping
+from megatron_moe_lossfree.dropping import ExemptContext
+from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
 
-
-@dataclass(frozen=True)
-class ExemptContext:
-    """One micro-batch's exempt flags, fixed when its forward starts."""
-
-    step: int
-    """Optimizer step the micro-batch belongs to (seeds the choice, REFERENCE 7)."""
-    sample_ids_B: torch.Tensor
-    """int64 [B]: global sample index of each sequence of the micro-batch."""
-    exempt_B: torch.Tensor
-    """bool [B]: True for the sequences whose tokens are never dropped."""
+__all__ = ["ExemptContext", "MicroBatchScope", "begin_micro_batch", "make_context"]
 
 
 def make_context(sample_ids_B: torch.Tensor, *, step: int, seed: int, fraction: float) -> ExemptContext:
@@ -85,8 +75,6 @@ def begin_micro_batch(model_chunks, sample_ids_B: torch.Tensor, *, step: int) ->
     Layers read fraction and seed from their ``lossfree`` config (one config per model). A stage without
     MoE layers gets an empty scope.
     """
-    from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
-
     layers = find_lossfree_layers(model_chunks)
     context = None
     if layers:

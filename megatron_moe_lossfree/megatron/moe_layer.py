@@ -54,7 +54,7 @@ from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron_moe_lossfree import dropping
 from megatron_moe_lossfree.config import LossFreeConfig, flag
 from megatron_moe_lossfree.errors import LossFreeConfigError
-from megatron_moe_lossfree.megatron.exempt import ExemptContext
+from megatron_moe_lossfree.dropping import ExemptContext
 
 
 class DroppingWarning(UserWarning):
