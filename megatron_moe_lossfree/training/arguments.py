@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         o.add_argument(f"--{name}", type=int, default=default)
     o.add_argument("--save", default=None)
     o.add_argument("--load", default=None)
+    o.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="refuse to start when --load holds no checkpoint (default, as in Megatron-LM: start "
+                        "from step 0 and say so)")
     o.add_argument("--out", default="runs/demo", help="run directory: TensorBoard events, metrics.jsonl")
     o.add_argument("--tensorboard-dir", default=None, help="default: OUT/tensorboard")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")

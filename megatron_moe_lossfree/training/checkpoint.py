@@ -4,12 +4,17 @@ Layout (Megatron-LM's): ``SAVE/iter_0000100/`` plus ``SAVE/latest_checkpointed_i
 A save goes to ``iter_XXXXXXX.tmp`` and is renamed only after every rank finished, then the tracker is
 replaced atomically; a crash mid-save leaves the previous checkpoint as the latest, and a directory
 without dist_checkpointing's metadata is reported by name instead of being loaded.
+
+``--load`` at a directory with no checkpoint keeps Megatron-LM's meaning (``--save D --load D`` on a first
+run starts fresh), but says so in one line; ``--exit-on-missing-checkpoint`` (Megatron-LM's flag) refuses
+instead, so a typo in a resume command cannot silently restart training.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from typing import Optional
 
 import torch.distributed as dist
@@ -79,6 +84,33 @@ def latest_iteration(root: str) -> Optional[int]:
         raise LossFreeConfigError(
             f"--load ({root}) has a corrupt {TRACKER} ({text!r}): write the iteration number of a complete "
             f"checkpoint into it, or remove it to start fresh") from None
+
+
+def missing_checkpoint(root: str) -> Optional[str]:
+    """Why ``root`` holds no checkpoint to resume from, as words after ``--load (root)``; None if it has one."""
+    if not os.path.exists(root):
+        return "does not exist"
+    if not os.path.isdir(root):
+        return "is not a directory"
+    if not os.path.isfile(os.path.join(root, TRACKER)):
+        return f"holds no checkpoint (no {TRACKER})"
+    return None
+
+
+def check_load_dir(root: str, *, exit_on_missing: bool) -> bool:
+    """True when ``root`` holds a checkpoint. Otherwise refuse (``--exit-on-missing-checkpoint``) or say, on
+    rank 0 only, that training starts from step 0 (Megatron-LM's behaviour, made visible)."""
+    why = missing_checkpoint(root)
+    if why is None:
+        return True
+    if exit_on_missing:
+        raise LossFreeConfigError(
+            f"--exit-on-missing-checkpoint is set and --load ({root}) {why}: fix the --load path, or drop "
+            f"--exit-on-missing-checkpoint to start from step 0")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: --load ({root}) {why}: training starts from step 0 (add --exit-on-missing-checkpoint "
+              f"to stop instead)", file=sys.stderr, flush=True)
+    return False
 
 
 def verify_checkpoint(path: str) -> None:

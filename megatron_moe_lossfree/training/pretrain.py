@@ -176,7 +176,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     from megatron_moe_lossfree.megatron import compat
     from megatron_moe_lossfree.megatron.balancer import install_bias_balancer
     from megatron_moe_lossfree.training import data as data_mod
-    from megatron_moe_lossfree.training.checkpoint import load_checkpoint
+    from megatron_moe_lossfree.training.checkpoint import check_load_dir, load_checkpoint
     from megatron_moe_lossfree.training.logger import RunLogger
     from megatron_moe_lossfree.training.model import build_model, transformer_config_from_args
 
@@ -218,7 +218,7 @@ def setup(args: argparse.Namespace) -> Trainer:
         end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gb, wd_incr_style="constant")
 
     step, drop_carry = 0, (0, 0)
-    if args.load:
+    if args.load and check_load_dir(args.load, exit_on_missing=args.exit_on_missing_checkpoint):
         common = load_checkpoint(args.load, model, optimizer, scheduler)
         if common is not None:
             step = int(common["iteration"])

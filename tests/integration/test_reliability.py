@@ -74,3 +74,37 @@ def test_truncated_foreign_and_biasless_checkpoints_are_refused_by_name(tmp_path
     (ckpt / "latest_checkpointed_iteration.txt").write_text("x2")
     line = run_fail("--train-iters", "3", "--load", str(ckpt), "--out", str(tmp_path / "d"))
     assert line.startswith(f"error: --load ({ckpt}) has a corrupt latest_checkpointed_iteration.txt ('x2')")
+
+
+def test_load_without_checkpoint_starts_from_step_0_and_says_so(tmp_path):
+    # Megatron-LM's meaning of --load with nothing there (a first run with --save D --load D): start fresh,
+    # in one line on stderr.
+    missing, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    for load, why in [(missing, "does not exist"),
+                      (empty, "holds no checkpoint (no latest_checkpointed_iteration.txt)")]:
+        out = tmp_path / f"run-{load.name}"
+        proc = run_cli("--train-iters", "2", "--eval-iters", "0", "--load", str(load), "--out", str(out))
+        notices = [line for line in proc.stderr.splitlines() if "--load" in line]
+        assert notices == [f"warning: --load ({load}) {why}: training starts from step 0 (add "
+                           f"--exit-on-missing-checkpoint to stop instead)"], proc.stderr[-2000:]
+        assert sorted(train_rows(out)) == [1, 2]
+
+
+def test_exit_on_missing_checkpoint_refuses_and_trains_nothing(tmp_path):
+    missing, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    for load, why in [(missing, "does not exist"),
+                      (empty, "holds no checkpoint (no latest_checkpointed_iteration.txt)")]:
+        out = tmp_path / f"run-{load.name}"
+        env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+        proc = subprocess.run(cli("--train-iters", "2", "--eval-iters", "0", "--load", str(load),
+                                  "--exit-on-missing-checkpoint", "--out", str(out)),
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: --exit-on-missing-checkpoint is set and --load ({load}) {why}: fix the --load "
+                          f"path, or drop --exit-on-missing-checkpoint to start from step 0"]
+        assert proc.stderr.strip().splitlines()[-1] == errors[0]
+        assert not out.exists()  # nothing trained, nothing logged
