@@ -31,7 +31,7 @@ from common import machine, print_table
 
 BUILTIN, PLUGIN, METRICS = "megatron built-in bias", "plugin", "plugin + metrics every step"
 FLAGS = {
-    BUILTIN: ["--moe-router-enable-expert-bias", "--lossfree-balancing", "none"],
+    BUILTIN: ["--megatron-router", "--moe-router-enable-expert-bias", "--lossfree-balancing", "none"],
     PLUGIN: [],
     METRICS: ["--log-interval", "1"],
 }

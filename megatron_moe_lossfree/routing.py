@@ -154,12 +154,25 @@ def select_experts(
         if group_rule is not None:
             select_TE = mask_unselected_groups(select_TE, topk, num_groups, max_groups, group_rule)
         experts_TK = torch.topk(select_TE, k=topk, dim=-1).indices
+    gates_TK = gate_selected(scores_TE, experts_TK, normalize=normalize, scaling_factor=scaling_factor)
+    return gates_TK, experts_TK.long()
+
+
+def gate_selected(
+    scores_TE: torch.Tensor,
+    experts_TK: torch.Tensor,
+    *,
+    normalize: bool = True,
+    scaling_factor: float | None = None,
+) -> torch.Tensor:
+    """Phases 4-5 of ``select_experts`` for a given choice of experts (also a replayed one):
+    gates from the UNBIASED scores, normalised over the K chosen when K > 1, times the factor."""
     gates_TK = torch.gather(scores_TE, dim=-1, index=experts_TK)
-    if normalize and topk > 1:
+    if normalize and experts_TK.shape[-1] > 1:
         gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + GATE_NORM_EPS)
     if scaling_factor is not None:
         gates_TK = gates_TK * scaling_factor
-    return gates_TK, experts_TK.long()
+    return gates_TK
 
 
 def mask_unselected_groups(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_moe_lossfree import balancing
 from megatron_moe_lossfree.config import LossFreeConfig
+from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
 from megatron_moe_lossfree.megatron.router import LossFreeRouter
 from megatron_moe_lossfree.routing import lookup_choice
 
@@ -55,8 +56,9 @@ class BiasBalancer:
     """Owns the per-step bias update of every LossFreeRouter in ``model_chunks``."""
 
     def __init__(self, model_chunks, lossfree: LossFreeConfig, *, group=None, topk: int,
-                 original_finalize: Optional[Callable] = None):
+                 original_finalize: Optional[Callable] = None, megatron_config=None):
         self.routers = find_routers(model_chunks)
+        self.megatron_config = megatron_config
         self.lossfree = lossfree
         self.group = group
         self.topk = topk
@@ -106,13 +108,35 @@ class BiasBalancer:
 
     # Megatron calls config.finalize_model_grads_func(model, num_tokens, ...).
     def __call__(self, *args, **kwargs):
-        result = self.original_finalize(*args, **kwargs) if self.original_finalize is not None else None
+        result = self.call_original(*args, **kwargs)
         if not self._progress_known:
             self._progress_known = True
             if self.progress_source is not None:
                 self.steps, self.tokens_seen = (int(x) for x in self.progress_source())
         self.step()
         return result
+
+    def call_original(self, *args, **kwargs):
+        """Megatron's finalize with ``moe_router_enable_expert_bias`` hidden for the call: the flag is
+        mapped onto this balancer (dropin.py), and Megatron's own update would move the plugin's bias a
+        second time and zero its counts first (one owner, DESIGN.md)."""
+        if self.original_finalize is None:
+            return None
+        config = self.megatron_config
+        hide = config is not None and getattr(config, "moe_router_enable_expert_bias", False)
+        if hide:
+            config.moe_router_enable_expert_bias = False
+        try:
+            return self.original_finalize(*args, **kwargs)
+        finally:
+            if hide:
+                config.moe_router_enable_expert_bias = True
+
+    def updating_rows(self) -> Optional[torch.Tensor]:
+        """bool [L]: routers whose bias moves this step; None when all do. Like Megatron (0.19), a router
+        in eval mode (a distillation teacher) or with ``frozen_expert_bias`` keeps its bias."""
+        rows = [r.training and not getattr(r, "frozen_expert_bias", False) for r in self.routers]
+        return None if all(rows) else torch.tensor(rows, device=self.flat_counts.device)
 
     def reduce_counts(self) -> torch.Tensor:
         """All-reduce every layer's counts and non-finite flags in ONE collective; returns a copy (the
@@ -164,6 +188,9 @@ class BiasBalancer:
     def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
         """All layers at once; returns a 0-d int64 tensor: does any layer exceed the warning bound?"""
         new_LE = balancing.apply_update_rule(self._rule_fn, self.flat_bias, counts_LE, rate)
+        rows_L = self.updating_rows()
+        if rows_L is not None:
+            new_LE = torch.where(rows_L.unsqueeze(1), new_LE, self.flat_bias)
         self.flat_bias.copy_(new_LE)
         return ((new_LE - self.bias_origin).abs() > self.lossfree.bias_warn_bound).any().long()
 
@@ -173,7 +200,7 @@ class BiasBalancer:
         (normally one call for the whole model), then the large-bias check on the stacked result."""
         by_width: dict[int, list[int]] = {}
         for i, router in enumerate(self.routers):
-            if router.expert_bias is not None:
+            if router.expert_bias is not None and router.training and not getattr(router, "frozen_expert_bias", False):
                 by_width.setdefault(router.expert_bias.numel(), []).append(i)
         for members in by_width.values():
             bias_LE = torch.stack([self.routers[i].expert_bias for i in members])
@@ -231,13 +258,11 @@ def install_bias_balancer(config, model_chunks, lossfree: LossFreeConfig) -> Bia
     """Wrap ``config.finalize_model_grads_func`` (Megatron's if unset) with the plugin's bias update."""
     from megatron.core.distributed import finalize_model_grads
 
-    if config.moe_router_enable_expert_bias and lossfree.balancing == "bias":
-        raise ValueError("moe_router_enable_expert_bias (Megatron's update) and lossfree balancing 'bias' "
-                         "would both update the bias: turn Megatron's off")
+    lossfree = resolve_lossfree(config, lossfree)  # the routers' effective config (Megatron's flags mapped)
     original = config.finalize_model_grads_func or finalize_model_grads
     if isinstance(original, BiasBalancer):
         original = original.original_finalize
     balancer = BiasBalancer(model_chunks, lossfree, group=count_reduction_group(config.sequence_parallel),
-                            topk=config.moe_router_topk, original_finalize=original)
+                            topk=config.moe_router_topk, original_finalize=original, megatron_config=config)
     config.finalize_model_grads_func = balancer
     return balancer

@@ -6,6 +6,8 @@
 | ``moe/ops/paged_stash.py``     | absent                                 | imports ``triton`` unconditionally       |
 | ``moe_utils.te_general_gemm``  | undefined without TE (NameError)       | defined (None without TE)                |
 
+| router gate arithmetic         | scores cast to the logits dtype, then normalised | normalised in fp32, cast at the end |
+
 Other modules call these helpers instead of branching on the version themselves.
 """
 
@@ -23,6 +25,7 @@ from packaging.version import Version
 _PAGED_STASH = "megatron.core.transformer.moe.ops.paged_stash"
 
 
+@functools.lru_cache(maxsize=None)
 def megatron_core_version() -> Version:
     """The installed megatron-core version (without importing megatron.core itself)."""
     from importlib.metadata import version
@@ -127,3 +130,12 @@ def build_mlp(mlp_spec: Any, **kwargs: Any):
 
 def is_moe_layer_spec(layer_spec: Any) -> bool:
     return _moe_parts(layer_spec.submodules.mlp) is not None
+
+
+def router_gate_dtype(logits_dtype):
+    """The dtype Megatron's ``topk_routing_with_score_function`` normalises the chosen gates in: 0.16 casts
+    the fp32 scores to the logits' dtype first (``.type_as(logits)``); 0.17+ keeps fp32 and casts the probs
+    at the end. The plugin's router follows the installed release so its probs equal Megatron's."""
+    import torch
+
+    return torch.float32 if megatron_core_version() >= Version("0.17") else logits_dtype

@@ -25,10 +25,11 @@ from megatron_moe_lossfree.config import LossFreeConfig
 
 
 def check_single_owner(transformer_config, lossfree: LossFreeConfig) -> None:
-    """Megatron's own bias update and ours must not both run (one owner of ``expert_bias``)."""
-    if getattr(transformer_config, "moe_router_enable_expert_bias", False) and lossfree.balancing == "bias":
-        raise ValueError("--moe-router-enable-expert-bias (True) and --lossfree-balancing (bias) would both "
-                         "update expert_bias: drop --moe-router-enable-expert-bias, the plugin owns the update")
+    """Megatron's flags against the plugin's (dropin.py): ``--moe-router-enable-expert-bias`` is mapped onto
+    the plugin's balancer (one owner of ``expert_bias``); contradictions and unsupported flags are refused."""
+    from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
+
+    resolve_lossfree(transformer_config, lossfree)
 
 
 class InstallBalancerHook:
@@ -72,13 +73,17 @@ def attach_lossfree(model_config, lossfree: LossFreeConfig) -> None:
 
 
 def lossfree_config_from_megatron_args() -> LossFreeConfig:
-    """The plugin's options from Megatron-LM's parsed args; defaults when the flags were not added
-    (stock ``pretrain_gpt.py`` has no ``extra_args_provider`` for them)."""
+    """The plugin's options from Megatron-LM's parsed args; when the flags were not added (stock
+    ``pretrain_gpt.py`` has no ``extra_args_provider`` for them) Megatron's own flags decide alone."""
     from megatron.training.global_vars import get_args
 
     from megatron_moe_lossfree.megatron.args import lossfree_config_from_args
+    from megatron_moe_lossfree.megatron.dropin import MEGATRON_ONLY
 
-    return lossfree_config_from_args(get_args())
+    args = get_args()
+    if not hasattr(args, "lossfree_balancing"):  # stock flags: Megatron's decide (no bias unless asked)
+        return MEGATRON_ONLY
+    return lossfree_config_from_args(args)
 
 
 def lossfree_gpt_layer_spec(model_config, vp_stage: Optional[int] = None):

@@ -55,6 +55,7 @@ from megatron_moe_lossfree import dropping
 from megatron_moe_lossfree.config import LossFreeConfig, flag
 from megatron_moe_lossfree.errors import LossFreeConfigError
 from megatron_moe_lossfree.dropping import ExemptContext
+from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
 
 
 class DroppingWarning(UserWarning):
@@ -70,15 +71,21 @@ class LossFreeMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection, **kwargs)
-        self.lossfree = lossfree or getattr(config, "lossfree", None) or LossFreeConfig()
+        # The router resolved Megatron's flags against the plugin's (dropin.py); use the same result.
+        self.lossfree = getattr(self.router, "lossfree", None) or resolve_lossfree(config, lossfree)
         self.ep_size = mcore_utils.get_pg_size(self.ep_group)
         self.ep_rank = mcore_utils.get_pg_rank(self.ep_group)
         if hasattr(self.router, "ep_size"):
             self.router.ep_size = self.ep_size
         validate_dropping(self.lossfree, ep_size=self.ep_size,
                           dispatcher_type=config.moe_token_dispatcher_type, warn=False)
+        # Evaluation never drops (REFERENCE 7), so it keeps Megatron's dropless dispatcher: the dropping
+        # copy pads and cuts by capacity, which would drop tokens in eval with --lossfree-pad-to-capacity.
+        self.dropless_dispatcher = self.token_dispatcher
+        self.dropping_dispatcher = None
         if self.lossfree.drop != "none":
-            self.token_dispatcher = self._dropping_dispatcher(pg_collection)
+            self.dropping_dispatcher = self._dropping_dispatcher(pg_collection)
+            self.token_dispatcher = self.dropping_dispatcher
         # Assignments (token, expert) seen and dropped in training forwards with grad since the last
         # reset_drop_counts(): the drop fraction of the log (metrics_log.drop_metrics).
         self.register_buffer("local_assigned", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -109,8 +116,18 @@ class LossFreeMoELayer(MoELayer):
     # -- phase 1 + 2 --------------------------------------------------------------------------------
     def route(self, hidden_states: torch.Tensor, *args, **kwargs):
         probs_TE, routing_map_TE = super().route(hidden_states, *args, **kwargs)
-        if self.lossfree.drop == "none" or not self.training:
+        if self.lossfree.drop == "none":
             return probs_TE, routing_map_TE
+        # Phase 3 runs on the dispatcher chosen here (route is also re-run by activation recompute).
+        self.token_dispatcher = self.dropping_dispatcher if self.training else self.dropless_dispatcher
+        if not self.training:
+            return probs_TE, routing_map_TE
+        padding_mask = kwargs.get("padding_mask", args[0] if args else None)
+        if padding_mask is not None:
+            raise LossFreeConfigError(
+                f"a padding_mask reached MoE layer {self.layer_number} with {flag('drop')} {self.lossfree.drop}: "
+                f"the plugin's capacities do not leave padding out yet; use unpadded batches or "
+                f"--moe-expert-capacity-factor (Megatron's dropping)")
         return self.apply_dropping(probs_TE, routing_map_TE, num_sequences=hidden_states.shape[1])
 
     def apply_dropping(self, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, *, num_sequences: int):

@@ -21,10 +21,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_moe_lossfree import balancing, routing
-from megatron_moe_lossfree.config import LossFreeConfig
+from megatron_moe_lossfree.config import LossFreeConfig, flag
+from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.megatron import compat, dropin
 
 
 class NonFiniteRouterError(FloatingPointError):
@@ -36,12 +43,14 @@ class LossFreeRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, lossfree: Optional[LossFreeConfig] = None, **kwargs):
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
-        self.lossfree = lossfree or getattr(config, "lossfree", None) or LossFreeConfig()
+        # Megatron's flags mapped onto the plugin, or refused by name (dropin.py: the drop-in contract).
+        self.lossfree = dropin.resolve_lossfree(config, lossfree)
         num_experts = config.num_moe_experts
         use_bias = self.lossfree.balancing == "bias"
-        # Megatron registers these only when its own update is on; the plugin keeps it off (one owner).
+        # Megatron registers these only when its own update is on; the plugin owns the update (the
+        # balancer hides moe_router_enable_expert_bias from Megatron's finalize: one owner).
         initial = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
-        del self.expert_bias, self.local_tokens_per_expert  # TopKRouter set them to plain None
+        del self.expert_bias, self.local_tokens_per_expert
         self.register_buffer("expert_bias", torch.full((num_experts,), initial, dtype=torch.float32)
                              if use_bias else None)
         self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64),
@@ -56,6 +65,7 @@ class LossFreeRouter(TopKRouter):
         # Set by the MoE layer (device-limited routing and the V2 losses need the EP layout).
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
+        self.frozen_expert_bias = getattr(self, "frozen_expert_bias", False)  # 0.19's flag; 0.16 lacks it
 
     # -- fp32 bias under bf16/fp16 wrappers ---------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
@@ -74,17 +84,21 @@ class LossFreeRouter(TopKRouter):
         """Count loads only in a training forward with grad enabled: once per token per step."""
         return self.training and torch.is_grad_enabled()
 
-    def count_loads(self, experts_TK: torch.Tensor) -> None:
-        """Pre-drop loads: training counts drive the bias; evaluation counts only feed MaxVio_global."""
-        if self.is_counting():
-            with torch.no_grad():
-                counts_E = routing.count_tokens_per_expert(experts_TK, self.config.num_moe_experts)
+    def count_loads(self, experts_TK: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> None:
+        """Pre-drop loads of the valid (non-padding) tokens: training counts drive the bias; evaluation
+        counts only feed MaxVio_global."""
+        training = self.is_counting()  # decided outside no_grad
+        if not (training or not self.training):
+            return
+        with torch.no_grad():
+            if valid_T is not None:
+                experts_TK = experts_TK[valid_T]
+            counts_E = routing.count_tokens_per_expert(experts_TK, self.config.num_moe_experts)
+            if training:
                 self.local_tokens_per_expert += counts_E
                 self.micro_batch_counts.append(counts_E)
-        elif not self.training:
-            with torch.no_grad():
-                self.eval_tokens_per_expert += routing.count_tokens_per_expert(
-                    experts_TK, self.config.num_moe_experts)
+            else:
+                self.eval_tokens_per_expert += counts_E
 
     def route_limit_groups(self) -> Optional[int]:
         cfg = self.lossfree
@@ -92,33 +106,95 @@ class LossFreeRouter(TopKRouter):
             return None
         return cfg.route_groups or (self.ep_size if cfg.route_limit == "device" else None)
 
+    def gates_are_normalized(self) -> bool:
+        """Megatron normalises the K gates unless K == 1 or softmax is taken before the top-K."""
+        return self.topk > 1 and not (self.score_function == "softmax" and self.config.moe_router_pre_softmax)
+
     def select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Biased top-k selection with unbiased gates (pure ``routing.select_experts``)."""
         cfg = self.lossfree
-        normalize = self.topk > 1 and not (self.score_function == "softmax" and self.config.moe_router_pre_softmax)
         return routing.select_experts(
-            scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, normalize=normalize,
+            scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, normalize=self.gates_are_normalized(),
             scaling_factor=self.config.moe_router_topk_scaling_factor, route_limit=cfg.route_limit,
             num_groups=self.route_limit_groups(),
             max_groups=cfg.route_max_groups if cfg.route_limit != "none" else None)
 
+    def select_or_replay(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """experts_TK of ``select``, through Megatron's RouterReplay when ``moe_enable_routing_replay`` is on:
+        RECORD stores the plugin's (biased) choice, REPLAY_* routes on the recorded experts."""
+        if self.router_replay is None:
+            return self.select(scores_TE)[1]
+
+        def compute_topk(scores, topk, num_groups=None, group_topk=None):
+            return self.select(scores)
+
+        return self.router_replay.get_replay_topk(scores_TE, self.topk, None, None, compute_topk)[1].long()
+
+    def megatron_gates(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TK: torch.Tensor):
+        """The gates of the chosen experts with Megatron's arithmetic and dtype
+        (``topk_routing_with_score_function``): softmax after the top-K is the softmax of the K chosen
+        logits; sigmoid (or softmax before the top-K) gates are normalised in the precision Megatron uses
+        (``compat.router_gate_dtype``); they come back in the logits' dtype (bf16 by default, fp32/fp64
+        with ``moe_router_dtype``). The selection itself stayed fp32."""
+        scaling = self.config.moe_router_topk_scaling_factor
+        if self.score_function == "softmax" and not self.config.moe_router_pre_softmax:
+            gates_TK = torch.softmax(logits_TE.gather(1, experts_TK), dim=-1, dtype=torch.float32)
+            gates_TK = gates_TK * scaling if scaling else gates_TK
+        else:
+            gate_scores_TE = scores_TE.to(compat.router_gate_dtype(logits_TE.dtype))
+            gates_TK = routing.gate_selected(gate_scores_TE, experts_TK, normalize=self.gates_are_normalized(),
+                                             scaling_factor=scaling)
+        return gates_TK.to(logits_TE.dtype)
+
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Megatron's ``TopKRouter.routing`` in the same order, with the plugin's selection and counts.
+
+        ``padding_mask`` [S, B], True for padding (Megatron's convention): padded tokens are routed (the
+        dispatcher needs every row) but never counted, and Megatron's losses and z-loss skip them.
+        """
         seq_length, batch = logits.shape[:2]
         logits_TE = logits.view(-1, self.config.num_moe_experts)
+        pad_T = padding_mask.reshape(-1) if padding_mask is not None else None
         self.note_nonfinite(logits_TE)
-        logits_TE = self.apply_z_loss(logits_TE)
-        scores_TE = routing.compute_scores(logits_TE, self.score_function)
-        gates_TK, experts_TK = self.select(scores_TE)
-        self.count_loads(experts_TK)
-        gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch)
+        logits_TE = self.apply_z_loss(logits_TE, padding_mask=pad_T)  # Megatron's (scaling, tracker)
+        scores_TE = routing.compute_scores(logits_TE, self.score_function)  # fp32
+        experts_TK = self.select_or_replay(scores_TE)
+        self.count_loads(experts_TK, None if pad_T is None else ~pad_T)
+        gates_TK = self.megatron_gates(logits_TE, scores_TE, experts_TK)
+        gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch, pad_T=pad_T)
         self.last_selection = (gates_TK.detach(), experts_TK)
-        probs_TE = torch.zeros_like(scores_TE).scatter(1, experts_TK, gates_TK)
-        routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter(1, experts_TK, True)
+        probs_TE = torch.zeros_like(logits_TE).scatter(1, experts_TK, gates_TK)
+        routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, experts_TK, True)
+        capacity = dropin.megatron_capacity(self.config)
+        if capacity is not None:  # Megatron's own expert capacity, after the plugin counted (REFERENCE 9)
+            probs_TE, routing_map_TE = apply_router_token_dropping(
+                probs_TE, routing_map_TE, router_topk=self.topk, capacity_factor=capacity,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+        probs_TE = self.apply_megatron_losses(probs_TE, logits_TE, pad_T, seq_length, batch)
         return probs_TE, routing_map_TE
 
-    def apply_balance_losses(self, gates_TK, scores_TE, experts_TK, *, num_sequences: int):
-        """Attach the configured balance losses to the gates (Megatron's MoEAuxLossAutoScaler adds
-        their gradient in backward). Only in a training forward with grad, like Megatron's own losses.
+    def apply_megatron_losses(self, probs_TE, logits_TE, pad_T, seq_length: int, batch: int):
+        """Megatron's aux_loss / seq_aux_loss / global_aux_loss, by Megatron's own code (same scores on
+        the UNBIASED top-K, token counts, padding, per-token scaling and tracker names)."""
+        if not (self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled()):
+            return probs_TE
+        map_TE, scores_TE = compute_routing_scores_for_aux_loss(
+            logits_TE, self.topk, self.score_function, fused=False, padding_mask=pad_T)
+        masked = pad_T is not None
+        probs_TE = self._apply_aux_loss(probs_TE, scores_TE, map_TE, with_padding_mask=masked)
+        probs_TE = self._apply_seq_aux_loss(probs_TE, scores_TE, map_TE, seq_length, batch, with_padding_mask=masked)
+        return self._apply_global_aux_loss(probs_TE, scores_TE, map_TE, with_padding_mask=masked)
+
+    # The plugin's losses are logged under Megatron's tracker names (Megatron-LM's log shows them).
+    TRACKER_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                     "device_loss": "device_balance_loss", "comm_loss": "comm_balance_loss"}
+
+    def apply_balance_losses(self, gates_TK, scores_TE, experts_TK, *, num_sequences: int, pad_T=None):
+        """Attach the plugin's balance losses to the gates through Megatron's
+        ``attach_and_log_load_balancing_loss``: the same per-token-loss scaling (times the local token
+        count under ``calculate_per_token_loss``), MTP scaling and aux-loss tracker as Megatron's own
+        losses. Only in a training forward with grad, like Megatron's.
 
         Tokens are reordered to sequence-major (Megatron flattens [S, B] as t = s*B + b). Each rank
         computes the losses on the tokens it routes: under sequence/context parallelism a "sequence"
@@ -126,11 +202,16 @@ class LossFreeRouter(TopKRouter):
         in the docs). The device and communication losses count devices from the actual EP layout.
         """
         cfg = self.lossfree
-        coeffs = (cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff, cfg.device_loss_coeff, cfg.comm_loss_coeff)
-        if not any(coeffs) or not self.is_counting():
+        coeffs = {"aux_loss": cfg.aux_loss_coeff, "seq_aux_loss": cfg.seq_aux_loss_coeff,
+                  "device_loss": cfg.device_loss_coeff, "comm_loss": cfg.comm_loss_coeff}
+        if not any(coeffs.values()) or not self.is_counting():
             return gates_TK
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
+        if pad_T is not None:
+            on = [flag(f"{name}_coeff") for name, c in coeffs.items() if c]
+            raise LossFreeConfigError(
+                f"a padding_mask reached {self.layer_name()} with {', '.join(on)} on: the plugin's per-sequence "
+                f"losses do not take padding yet; use Megatron's --moe-router-load-balancing-type "
+                f"aux_loss/seq_aux_loss (they honour the mask) or unpadded batches")
         num_experts = scores_TE.shape[-1]
         seq_len = scores_TE.shape[0] // num_sequences
         scores_BSE = scores_TE.view(seq_len, num_sequences, num_experts).transpose(0, 1)
@@ -156,9 +237,17 @@ class LossFreeRouter(TopKRouter):
                 scores_NE, experts_NK, alpha=cfg.comm_loss_coeff, num_devices=devices,
                 max_devices=max_devices, num_sequences=num_sequences)
         for name, loss in losses.items():
-            gates_TK = MoEAuxLossAutoScaler.apply(gates_TK, loss)
+            gates_TK = self.attach_loss(gates_TK, coeffs[name], loss, name)
             self.last_aux_losses[name] = loss.detach()
         return gates_TK
+
+    def attach_loss(self, gates_TK, coeff: float, loss, name: str):
+        """Megatron's attach-and-log when the router knows its layer (the tracker needs it), else the bare
+        autoscaler (a router built outside a MoE layer, as in unit tests)."""
+        if self.layer_number is None:
+            return MoEAuxLossAutoScaler.apply(gates_TK, loss)
+        return self.attach_and_log_load_balancing_loss(
+            gates_TK, coeff, loss, self.TRACKER_NAMES[name], self.tp_cp_group, valid_token_count=gates_TK.shape[0])
 
     def note_nonfinite(self, logits_TE: torch.Tensor) -> None:
         """Remember NaN/inf logits without a host sync; ``raise_if_nonfinite`` reports once per step.

@@ -39,8 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name}", type=kind, default=default)
     g.add_argument("--moe-router-score-function", default="sigmoid", metavar="{sigmoid,softmax}")
     g.add_argument("--moe-token-dispatcher-type", default="alltoall", metavar="{alltoall,allgather}")
+    g.add_argument("--megatron-router", action="store_true",
+                   help="build Megatron-Core's own TopKRouter and MoELayer (the plugin off: the built-in baseline)")
+    # Megatron's router/MoE flags keep Megatron's meaning (megatron/dropin.py: honoured, mapped or refused).
     g.add_argument("--moe-router-enable-expert-bias", action="store_true",
-                   help="use Megatron-Core's own TopKRouter and bias update instead of the plugin's")
+                   help="Megatron's expert bias (sign rule); with the plugin's router it drives the plugin's balancer")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-router-load-balancing-type", nargs="+", default=["none"],
+                   metavar="{aux_loss,seq_aux_loss,global_aux_loss,none}")
+    g.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0])
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-pre-softmax", action="store_true")
+    g.add_argument("--moe-router-num-groups", type=int, default=None)
+    g.add_argument("--moe-router-group-topk", type=int, default=None)
+    g.add_argument("--moe-router-dtype", default="fp32", metavar="{fp32,fp64}")
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    g.add_argument("--moe-token-drop-policy", default="probs", metavar="{probs,position}")
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--transformer-impl", default="local", metavar="{local,transformer_engine}",
                    help="local: Megatron's local spec (CPU and GPU); transformer_engine: TE spec with grouped "
@@ -116,6 +131,11 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
             problems.append(str(err))
     try:
         args.lossfree = lossfree_config_from_args(args)
+        if not args.megatron_router and not problems:
+            from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
+            from megatron_moe_lossfree.training.model import megatron_router_fields
+
+            resolve_lossfree(argparse.Namespace(**megatron_router_fields(args)), args.lossfree)
     except LossFreeConfigError as err:
         problems.append(str(err))
     if problems:
@@ -167,9 +187,12 @@ def _violations(a: argparse.Namespace):
     if a.micro_batch_size >= 1 and a.global_batch_size % a.micro_batch_size:
         yield (f"--global-batch-size ({a.global_batch_size}) must be divisible by --micro-batch-size "
                f"({a.micro_batch_size}) times the data-parallel size")
-    if a.moe_router_enable_expert_bias and a.lossfree_balancing != "none":
-        yield ("--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias "
-               "would both update the bias: pick one (add --lossfree-balancing none for Megatron's)")
+    if a.megatron_router and a.lossfree_balancing != "none":
+        yield ("--megatron-router (Megatron's own router, no plugin bias) and --lossfree-balancing bias "
+               "disagree: add --lossfree-balancing none (and --moe-router-enable-expert-bias for Megatron's bias)")
+    if len(a.moe_aux_loss_coeff) not in (1, len(a.moe_router_load_balancing_type)):
+        yield (f"--moe-aux-loss-coeff ({' '.join(map(str, a.moe_aux_loss_coeff))}) needs one value or one per "
+               f"--moe-router-load-balancing-type ({' '.join(a.moe_router_load_balancing_type)})")
     yield from _route_limit_violations(a)
     if a.transformer_impl not in ("local", "transformer_engine"):
         yield f"--transformer-impl ({a.transformer_impl}) must be local or transformer_engine"

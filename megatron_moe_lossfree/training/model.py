@@ -20,15 +20,9 @@ def transformer_config_from_args(args: argparse.Namespace):
         num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
         moe_layer_freq=[0] * dense + [1] * (args.num_layers - dense),
         moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        # Exactly one owner of the bias update: Megatron's only for the built-in baseline.
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=args.lossfree_update_rate,
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+        **megatron_router_fields(args),
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
         moe_grouped_gemm=args.transformer_impl == "transformer_engine",  # TEGroupedMLP experts
-        moe_router_dtype="fp32",
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
@@ -45,6 +39,28 @@ def transformer_config_from_args(args: argparse.Namespace):
     )
 
 
+def megatron_router_fields(args: argparse.Namespace) -> dict:
+    """Megatron's router/MoE TransformerConfig fields from mlf-pretrain's flags (Megatron's names and
+    meanings; with the plugin's router, ``megatron/dropin.py`` honours, maps or refuses each)."""
+    types = args.moe_router_load_balancing_type
+    coeffs = args.moe_aux_loss_coeff
+    return dict(
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        moe_router_load_balancing_type=types[0] if len(types) == 1 else list(types),
+        moe_aux_loss_coeff=coeffs[0] if len(coeffs) == 1 else list(coeffs),
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_router_num_groups=args.moe_router_num_groups, moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_dtype=args.moe_router_dtype,
+        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        moe_token_drop_policy=args.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+    )
+
+
 def build_model(args: argparse.Namespace, config, vocab_size: int):
     """One GPTModel chunk for this pipeline stage, wrapped in Megatron DDP."""
     from megatron.core import parallel_state as ps
@@ -53,7 +69,7 @@ def build_model(args: argparse.Namespace, config, vocab_size: int):
 
     from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec
 
-    spec = get_lossfree_block_spec(config, use_plugin=not args.moe_router_enable_expert_bias,
+    spec = get_lossfree_block_spec(config, use_plugin=not args.megatron_router,
                                    use_transformer_engine=args.transformer_impl == "transformer_engine")
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                      max_sequence_length=args.max_position_embeddings,

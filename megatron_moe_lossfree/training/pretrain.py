@@ -205,7 +205,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     model = build_model(args, config, vocab_size=args.vocab_size)
     config.finalize_model_grads_func = finalize_model_grads
     balancer = None
-    if not args.moe_router_enable_expert_bias:
+    if not args.megatron_router:
         balancer = install_bias_balancer(config, [model], args.lossfree)
 
     optimizer = get_megatron_optimizer(OptimizerConfig(

@@ -27,9 +27,9 @@ CASES = [
      "with), or neither for the embedded corpus"),
     (["--lr-warmup-iters", "100", "--train-iters", "100"],
      "--lr-warmup-iters (100) must lie in [0, --train-iters (100)): shorten the warmup or train longer"),
-    (["--moe-router-enable-expert-bias"],
-     "--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias would both "
-     "update the bias: pick one (add --lossfree-balancing none for Megatron's)"),
+    (["--megatron-router"],
+     "--megatron-router (Megatron's own router, no plugin bias) and --lossfree-balancing bias disagree: add "
+     "--lossfree-balancing none (and --moe-router-enable-expert-bias for Megatron's bias)"),
     (["--preset", "huge"], "--preset (huge) is unknown: use one of tiny-cpu, paper-1b, paper-3b, v2-router, v3-router"),
     (["--lossfree-route-limit", "node", "--lossfree-route-groups", "3", "--lossfree-route-max-groups", "2"],
      "--num-experts (16) must be divisible by the node groups (3, from --lossfree-route-groups): choose a group "

@@ -57,9 +57,28 @@ CASES = {
     "padding without capacity": (["--lossfree-pad-to-capacity"],
                                  "--lossfree-pad-to-capacity needs a capacity: set --lossfree-drop expert or device "
                                  "and --lossfree-capacity-factor"),
-    "two bias owners": (["--moe-router-enable-expert-bias"],
-                        "--moe-router-enable-expert-bias (Megatron's own bias update) and --lossfree-balancing bias "
-                        "would both update the bias: pick one (add --lossfree-balancing none for Megatron's)"),
+    "two bias owners": (["--megatron-router"],
+                        "--megatron-router (Megatron's own router, no plugin bias) and --lossfree-balancing bias "
+                        "disagree: add --lossfree-balancing none (and --moe-router-enable-expert-bias for Megatron's bias)"),
+    "megatron bias against plugin none": (["--moe-router-enable-expert-bias", "--lossfree-balancing", "none"],
+                        "--moe-router-enable-expert-bias (True) and --lossfree-balancing (none) disagree: drop one "
+                        "(the plugin's bias then follows --moe-router-enable-expert-bias)"),
+    "groups against route limit": (["--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+                                    "--lossfree-route-limit", "node", "--lossfree-route-groups", "4",
+                                    "--lossfree-route-max-groups", "2"],
+                        "--moe-router-num-groups/--moe-router-group-topk (4/2) and --lossfree-route-limit (node) "
+                        "both limit routing: keep one"),
+    "megatron capacity against plugin drop": (["--moe-expert-capacity-factor", "1.0", "--lossfree-drop", "expert",
+                                               "--lossfree-capacity-factor", "1.0"],
+                        "--moe-expert-capacity-factor (1.0) and --lossfree-drop (expert) both drop tokens: keep "
+                        "Megatron's expert capacity or the plugin's dropping"),
+    "megatron aux against plugin aux": (["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff",
+                                         "0.01", "--lossfree-aux-loss-coeff", "0.001"],
+                        "--moe-router-load-balancing-type aux_loss with --moe-aux-loss-coeff (0.01) and "
+                        "--lossfree-aux-loss-coeff (0.001) are the same loss twice: keep one"),
+    "sinkhorn": (["--moe-router-load-balancing-type", "sinkhorn"],
+                 "--moe-router-load-balancing-type (sinkhorn) is not supported by the plugin's router: use "
+                 "--moe-router-enable-expert-bias or --lossfree-balancing bias (loss-free), or aux_loss"),
     "data without tokenizer": (["--data-path", "/nowhere/x"],
                                "--data-path and --tokenizer-model go together: give both (your dataset and the "
                                "tokenizer it was built with), or neither for the embedded corpus"),

@@ -1,5 +1,5 @@
 """Megatron-LM hooks (megatron_lm.py) that run without a Megatron-LM checkout: options attached to the
-TransformerConfig, exactly one balancer hook, Megatron's own bias update refused."""
+TransformerConfig, exactly one balancer hook, Megatron's own bias flag mapped onto the plugin."""
 
 import sys
 import types
@@ -28,18 +28,23 @@ def test_attach_sets_options_and_keeps_one_hook_after_the_others():
     assert len(hooks) == 1 and isinstance(hooks[0], InstallBalancerHook) and hooks[0].lossfree is second
 
 
-def test_megatron_expert_bias_and_plugin_bias_are_refused():
+def test_megatron_expert_bias_is_mapped_onto_the_plugin_balancer():
+    config = model_config(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=2e-3)
+    attach_lossfree(config, LossFreeConfig())
+    from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
+
+    effective = resolve_lossfree(config.transformer)
+    assert (effective.balancing, effective.update_rule, effective.update_rate) == ("bias", "sign", 2e-3)
+
+
+def test_megatron_expert_bias_with_plugin_balancing_none_is_refused_by_both_names():
+    """Was a TypeError at step 1 (Megatron's update stacked the plugin's None bias)."""
+    config = model_config(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3)
     with pytest.raises(ValueError) as info:
-        attach_lossfree(model_config(moe_router_enable_expert_bias=True), LossFreeConfig())
+        attach_lossfree(config, LossFreeConfig(balancing="none"))
     assert str(info.value) == (
-        "--moe-router-enable-expert-bias (True) and --lossfree-balancing (bias) would both update expert_bias: "
-        "drop --moe-router-enable-expert-bias, the plugin owns the update")
-
-
-def test_megatron_expert_bias_is_allowed_when_the_plugin_does_not_balance():
-    config = model_config(moe_router_enable_expert_bias=True)
-    attach_lossfree(config, LossFreeConfig(balancing="none"))
-    assert config.transformer.lossfree.balancing == "none"
+        "--moe-router-enable-expert-bias (True) and --lossfree-balancing (none) disagree: drop one (the plugin's "
+        "bias then follows --moe-router-enable-expert-bias)")
 
 
 @pytest.fixture

@@ -1,0 +1,173 @@
+"""The drop-in contract: every Megatron router/MoE field is honoured, mapped onto the plugin, or refused.
+
+``resolve_lossfree(config, lossfree)`` is called by the router, the MoE layer and the balancer with the
+same arguments, so all three act on one effective plugin config. It reads Megatron-Core's
+``TransformerConfig`` (0.16 .. 0.19 field names) and:
+
+| Megatron field                                   | what the plugin does                                      |
+|--------------------------------------------------|-----------------------------------------------------------|
+| moe_router_score_function, moe_router_pre_softmax,| honoured by the router (same scores, gates, probs dtype)  |
+| moe_router_topk_scaling_factor, moe_router_dtype |                                                           |
+| moe_router_num_groups / moe_router_group_topk    | mapped: ``--lossfree-route-limit node`` (the same V3 rule)|
+| moe_router_enable_expert_bias, *_bias_update_rate| mapped: ``--lossfree-balancing bias``, rule sign, that rate|
+| moe_router_load_balancing_type aux_loss,         | honoured: Megatron's own loss code runs in the router     |
+| seq_aux_loss, global_aux_loss (+ lists), none,   |                                                           |
+| moe_aux_loss_coeff, moe_z_loss_coeff             |                                                           |
+| moe_expert_capacity_factor, moe_token_drop_policy,| honoured: Megatron's own dropping, after the plugin counts|
+| moe_pad_expert_input_to_capacity                 | (loads are counted BEFORE dropping: REFERENCE 9)          |
+| moe_router_force_load_balancing, _force_biased,  | honoured: Megatron's ``TopKRouter.forward`` is inherited  |
+| moe_input_jitter_eps                             |                                                           |
+| moe_enable_routing_replay                        | honoured: the plugin's selection is recorded / replayed   |
+| sinkhorn, quantile_balancing (until the quantile | refused by name                                           |
+| rule lands), moe_router_fusion, mtp_num_layers,  |                                                           |
+| CUDA graphs over the router, inference_optimized,|                                                           |
+| moe_expert_rank_capacity_factor                  |                                                           |
+
+A Megatron field at a non-default value and a ``--lossfree-*`` field at a non-default value that set the
+same thing differently are refused together, naming both flags. Every problem is collected and raised as
+one ``LossFreeConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron_moe_lossfree.config import LossFreeConfig, flag
+from megatron_moe_lossfree.errors import LossFreeConfigError
+
+DEFAULTS = LossFreeConfig()
+# The plugin's options when a Megatron config carries none (stock Megatron-LM flags with the plugin's
+# ``--spec``): Megatron's flags alone decide, so no bias unless ``--moe-router-enable-expert-bias``.
+MEGATRON_ONLY = LossFreeConfig(balancing="none")
+
+MEGATRON_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+# CUDA-graph scopes that leave the router and the MoE preprocess outside the captured region.
+_GRAPH_SAFE_SCOPES = {"attn", "mamba"}
+
+
+def cli(field: str) -> str:
+    """Megatron-LM's command-line spelling of a TransformerConfig field."""
+    return "--" + field.replace("_", "-")
+
+
+def balancing_types(config) -> list[str]:
+    value = getattr(config, "moe_router_load_balancing_type", "none") or "none"
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def megatron_loss_coeff(config, loss_type: str) -> float:
+    """Megatron's ``TopKRouter.get_aux_loss_coeff``: the coefficient of one loss type (0 when absent)."""
+    types = balancing_types(config)
+    if loss_type not in types:
+        return 0.0
+    coeff = config.moe_aux_loss_coeff
+    if isinstance(coeff, (list, tuple)):
+        return float(coeff[types.index(loss_type)])
+    return float(coeff) if len(types) == 1 else 0.0
+
+
+def _graph_scopes(config) -> Optional[set]:
+    """The CUDA-graph scopes in force, or None when CUDA graphs are off (0.16 and 0.19 names)."""
+    impl = getattr(config, "cuda_graph_impl", "none") or "none"
+    if impl == "none" and not getattr(config, "enable_cuda_graph", False):
+        return None
+    scope = getattr(config, "cuda_graph_modules", None)
+    if scope is None or scope == []:
+        scope = getattr(config, "cuda_graph_scope", "full")
+    items = scope if isinstance(scope, (list, tuple)) else [scope]
+    return {str(getattr(s, "name", s)).lower() for s in items} or {"full"}
+
+
+def refusals(config, lossfree: LossFreeConfig):
+    """Megatron settings the plugin's router cannot honour (one line each: flag, value, what to use)."""
+    types = balancing_types(config)
+    if "sinkhorn" in types:
+        yield (f"{cli('moe_router_load_balancing_type')} (sinkhorn) is not supported by the plugin's router: "
+               f"use --moe-router-enable-expert-bias or {flag('balancing')} bias (loss-free), or aux_loss")
+    if "quantile_balancing" in types:
+        yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) is not supported by the plugin's "
+               f"router yet: use {flag('balancing')} bias with {flag('update_rule')} sign")
+    unknown = [t for t in types if t not in MEGATRON_LOSSES + ("none", "sinkhorn", "quantile_balancing")]
+    if unknown:
+        yield (f"{cli('moe_router_load_balancing_type')} ({', '.join(unknown)}) is unknown to the plugin: use "
+               f"aux_loss, seq_aux_loss, global_aux_loss or none")
+    if getattr(config, "moe_router_fusion", False):
+        yield (f"{cli('moe_router_fusion')} (True) is not supported with the plugin's router (its selection adds "
+               f"the plugin's bias, which the fused kernel does not see): drop {cli('moe_router_fusion')}")
+    if getattr(config, "mtp_num_layers", None):
+        yield (f"{cli('mtp_num_layers')} ({config.mtp_num_layers}) is not supported (Megatron builds MTP layers "
+               f"from its own spec, so their routers would bypass the plugin's bias, dropping and counts): "
+               f"train without MTP")
+    scopes = _graph_scopes(config)
+    if scopes is not None and not scopes <= _GRAPH_SAFE_SCOPES:
+        yield (f"--cuda-graph-scope ({', '.join(sorted(scopes))}) captures the router, whose load counting and "
+               f"dropping are not capturable (host syncs): use --cuda-graph-scope attn, or no CUDA graphs")
+    if getattr(config, "transformer_impl", "local") == "inference_optimized":
+        yield (f"{cli('transformer_impl')} (inference_optimized) is not supported: its dispatcher expects dense "
+               f"[T, K] routing, the plugin returns Megatron's [T, E] map; use local or transformer_engine")
+    if getattr(config, "moe_expert_rank_capacity_factor", None) is not None:
+        yield (f"{cli('moe_expert_rank_capacity_factor')} ({config.moe_expert_rank_capacity_factor}) is not "
+               f"supported: its drops happen in the flex dispatcher, invisible to the plugin's drop counters; "
+               f"use {flag('drop')} device with {flag('capacity_factor')}")
+
+
+def conflicts(config, lossfree: LossFreeConfig):
+    """A Megatron flag and a ``--lossfree-*`` flag that set the same thing to different values."""
+    groups = getattr(config, "moe_router_group_topk", None)
+    if groups and lossfree.route_limit != "none":
+        yield (f"{cli('moe_router_num_groups')}/{cli('moe_router_group_topk')} "
+               f"({config.moe_router_num_groups}/{groups}) and {flag('route_limit')} ({lossfree.route_limit}) "
+               f"both limit routing: keep one")
+    if getattr(config, "moe_expert_capacity_factor", None) is not None and lossfree.drop != "none":
+        yield (f"{cli('moe_expert_capacity_factor')} ({config.moe_expert_capacity_factor}) and {flag('drop')} "
+               f"({lossfree.drop}) both drop tokens: keep Megatron's expert capacity or the plugin's dropping")
+    for megatron_type, field in (("aux_loss", "aux_loss_coeff"), ("seq_aux_loss", "seq_aux_loss_coeff")):
+        coeff = megatron_loss_coeff(config, megatron_type)
+        if coeff > 0 and getattr(lossfree, field) > 0:
+            yield (f"{cli('moe_router_load_balancing_type')} {megatron_type} with {cli('moe_aux_loss_coeff')} "
+                   f"({coeff:g}) and {flag(field)} ({getattr(lossfree, field):g}) are the same loss twice: keep one")
+    if getattr(config, "moe_router_enable_expert_bias", False):
+        rate = config.moe_router_bias_update_rate
+        if lossfree.balancing == "none" and lossfree is not MEGATRON_ONLY:
+            yield (f"{cli('moe_router_enable_expert_bias')} (True) and {flag('balancing')} (none) disagree: drop "
+                   f"one (the plugin's bias then follows {cli('moe_router_enable_expert_bias')})")
+        if lossfree.update_rule != DEFAULTS.update_rule:
+            yield (f"{cli('moe_router_enable_expert_bias')} (True, Megatron's sign rule) and {flag('update_rule')} "
+                   f"({lossfree.update_rule}) disagree: drop {cli('moe_router_enable_expert_bias')} to use "
+                   f"the {lossfree.update_rule} rule")
+        if lossfree.update_rate not in (DEFAULTS.update_rate, rate):
+            yield (f"{cli('moe_router_bias_update_rate')} ({rate:g}) and {flag('update_rate')} "
+                   f"({lossfree.update_rate:g}) disagree: give one rate")
+        if lossfree.bias_kind != DEFAULTS.bias_kind:
+            yield (f"{cli('moe_router_enable_expert_bias')} (True, additive bias) and {flag('bias_kind')} "
+                   f"({lossfree.bias_kind}) disagree: drop {cli('moe_router_enable_expert_bias')}")
+
+
+def mapped(config, lossfree: LossFreeConfig) -> LossFreeConfig:
+    """The plugin config with Megatron's group limit and expert-bias flags carried onto it."""
+    changes = {}
+    groups = getattr(config, "moe_router_group_topk", None)
+    if groups:
+        # Megatron's group_limited_topk: group score = sum of the top K/M scores, top-M groups (V3 2.1.2).
+        changes.update(route_limit="node", route_groups=config.moe_router_num_groups, route_max_groups=groups)
+    if getattr(config, "moe_router_enable_expert_bias", False):
+        changes.update(balancing="bias", update_rule="sign", update_rate=config.moe_router_bias_update_rate)
+    return dataclasses.replace(lossfree, **changes) if changes else lossfree
+
+
+def resolve_lossfree(config, lossfree: Optional[LossFreeConfig] = None) -> LossFreeConfig:
+    """The effective plugin config for a Megatron ``TransformerConfig``; refuses what cannot be honoured.
+
+    ``lossfree``: the plugin's options (``config.lossfree`` when None; Megatron-only when neither).
+    """
+    base = lossfree or getattr(config, "lossfree", None) or MEGATRON_ONLY
+    problems = list(refusals(config, base)) + list(conflicts(config, base))
+    if problems:
+        raise LossFreeConfigError("; ".join(problems))
+    return mapped(config, base).validate()
+
+
+def megatron_capacity(config) -> Optional[float]:
+    """Megatron's own expert capacity (honoured by Megatron's ``apply_router_token_dropping``)."""
+    return getattr(config, "moe_expert_capacity_factor", None)
