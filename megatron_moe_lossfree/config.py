@@ -15,7 +15,9 @@ from typing import Literal, Optional
 from megatron_moe_lossfree.errors import LossFreeConfigError
 
 Balancing = Literal["none", "bias"]
-UpdateRule = Literal["sign", "proportional", "sign_centered", "multiplicative"]
+UpdateRule = Literal["sign", "proportional", "sign_centered", "multiplicative", "quantile"]
+QuantileEstimator = Literal["exact", "histogram"]
+QuantileSpace = Literal["logits", "scores"]
 RateScheduleName = Literal["constant", "v3"]
 BiasKind = Literal["additive", "multiplicative"]
 RouteLimit = Literal["none", "device", "node"]
@@ -25,7 +27,9 @@ DropPolicy = Literal["probs", "position"]
 
 CHOICES = {
     "balancing": ("none", "bias"),
-    "update_rule": ("sign", "proportional", "sign_centered", "multiplicative"),
+    "update_rule": ("sign", "proportional", "sign_centered", "multiplicative", "quantile"),
+    "quantile_estimator": ("exact", "histogram"),
+    "quantile_space": ("logits", "scores"),
     "rate_schedule": ("constant", "v3"),
     "bias_kind": ("additive", "multiplicative"),
     "route_limit": ("none", "device", "node"),
@@ -51,6 +55,22 @@ class LossFreeConfig:
     """Tokens after which the v3 schedule freezes the bias (V3: 14.3T). Required by "v3"."""
     bias_kind: BiasKind = "additive"
     """"additive": select on s + b (b starts at 0); "multiplicative": select on s * b (b starts at 1)."""
+
+    quantile_estimator: QuantileEstimator = "exact"
+    """Quantile rule only. "exact": per micro-batch column quantile of the required bias, averaged over
+    micro-batches and ranks (Megatron-Core 0.19 ``qb_dual_update``); "histogram": per-expert histograms
+    summed over micro-batches and ranks, one quantile per step (Kimi K3 appendix D, torchtitan)."""
+    quantile_space: QuantileSpace = "logits"
+    """Quantile rule only: what the bias is added to for selection and solved on. "logits" (Megatron-Core
+    0.19) or "scores" (after the score function: Kimi K3 / torchtitan, sigmoid scores)."""
+    quantile_ema: float = 0.0
+    """Quantile rule only: b = centre(ema * b + (1 - ema) * solution); 0 replaces the bias every step
+    (Megatron-Core's ``moe_router_quantile_balancing_ema``, default 0)."""
+    quantile_bins: int = 1000
+    """Histogram estimator: bins over [min b - margin, max b + margin] (Kimi K3, torchtitan: 1000)."""
+    quantile_margin: float = 1.0
+    """Histogram estimator: the range margin. 1 covers sigmoid/softmax scores exactly; widen it in logit
+    space (required biases there are unbounded; values outside are clamped into the edge bins)."""
 
     route_limit: RouteLimit = "none"
     """"device": V2 device-limited routing; "node": V3 node-limited routing (REFERENCE section 6)."""
@@ -118,6 +138,13 @@ def _violations(cfg: LossFreeConfig):
         if cfg.rate_schedule == "v3" and not (cfg.freeze_bias_after_tokens or 0) > 0:
             yield (f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be a positive "
                    f"token count with {flag('rate_schedule')} v3")
+        if cfg.update_rule == "quantile" and not 0.0 <= cfg.quantile_ema < 1.0:
+            yield (f"{flag('quantile_ema')} ({cfg.quantile_ema}) must lie in [0, 1): 0 replaces the bias each "
+                   f"step (Megatron-Core's default), 0.9 keeps 90% of the old one")
+        if cfg.update_rule == "quantile" and cfg.quantile_estimator == "histogram" and cfg.quantile_bins < 2:
+            yield f"{flag('quantile_bins')} ({cfg.quantile_bins}) must be >= 2, e.g. 1000 (Kimi K3)"
+        if cfg.update_rule == "quantile" and not (math.isfinite(cfg.quantile_margin) and cfg.quantile_margin > 0):
+            yield f"{flag('quantile_margin')} ({cfg.quantile_margin}) must be a finite number > 0, e.g. 1.0"
         if (cfg.update_rule == "multiplicative") != (cfg.bias_kind == "multiplicative"):
             yield (f"{flag('update_rule')} ({cfg.update_rule}) and {flag('bias_kind')} ({cfg.bias_kind}) "
                    f"disagree: the multiplicative rule goes with the multiplicative bias kind (LFB Table 4); "

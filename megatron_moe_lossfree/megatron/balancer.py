@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_moe_lossfree import balancing
+from megatron_moe_lossfree import balancing, quantile
 from megatron_moe_lossfree.config import LossFreeConfig
 from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
 from megatron_moe_lossfree.megatron.router import LossFreeRouter
@@ -71,10 +71,13 @@ class BiasBalancer:
         self.steps = 0
         self.last_counts: list[torch.Tensor] = []
         self.last_micro_batch_counts: list = []
+        self.last_quantile: Optional[torch.Tensor] = None
         # The flat buffers are built here with fixed dtypes and shapes (fp32 [L, E] bias, int64 [L, E]
         # counts) and the rate is checked by the schedule, so the step applies the rule without
         # ``update_bias``'s per-call argument checks.
-        self._rule_fn = lookup_choice(balancing.UPDATE_RULES, lossfree.update_rule, "update_rule")
+        self.quantile = lossfree.balancing == "bias" and lossfree.update_rule == "quantile"
+        self._rule_fn = None if self.quantile else lookup_choice(balancing.UPDATE_RULES, lossfree.update_rule,
+                                                                  "update_rule")
         # Where a training loop that does not save the balancer's state keeps its own progress:
         # () -> (steps, tokens_seen), read once, at the first step, unless load_state_dict ran.
         self.progress_source: Optional[Callable[[], tuple[int, int]]] = None
@@ -139,13 +142,27 @@ class BiasBalancer:
         return None if all(rows) else torch.tensor(rows, device=self.flat_counts.device)
 
     def reduce_counts(self) -> torch.Tensor:
-        """All-reduce every layer's counts and non-finite flags in ONE collective; returns a copy (the
-        live buffer is zeroed for the next step)."""
-        reduced = self.flat_counts.clone()
+        """All-reduce every layer's counts and non-finite flags -- and the quantile rule's statistics --
+        in ONE collective; returns a copy (the live buffers are zeroed for the next step).
+
+        The quantile statistics ride along: the exact estimator's solution sums and micro-batch counts in
+        a float64 payload (counts stay exact below 2**53), or the histogram estimator's int64 histograms
+        and token counts in the int64 one. ``self.last_quantile`` keeps the reduced statistics."""
+        parts = [self.flat_counts]
+        if self.quantile:
+            for router in self.routers:
+                stats = router.qb_solution_sum if router.qb_solution_sum is not None else router.qb_histogram
+                parts += [stats.reshape(-1), router.qb_observed.reshape(1)]
+        dtype = torch.float64 if any(p.is_floating_point() for p in parts) else torch.int64
+        payload = torch.cat([p.to(dtype) for p in parts]) if len(parts) > 1 else parts[0].clone()
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(reduced, group=self.group)
+            dist.all_reduce(payload, group=self.group)
         self.flat_counts.zero_()
-        return reduced
+        for router in self.routers if self.quantile else ():
+            router.reset_quantile_state()
+        reduced = payload[: self.flat_counts.numel()]
+        self.last_quantile = payload[self.flat_counts.numel():]
+        return reduced.long() if dtype != torch.int64 else reduced
 
     def step(self) -> None:
         if not self.routers:
@@ -159,7 +176,9 @@ class BiasBalancer:
         # the first N tokens), known before the step: no host sync needed to pick it.
         rate = self.schedule.rate_at(self.tokens_seen)
         over_bound = None
-        if self.lossfree.balancing == "bias":
+        if self.quantile:
+            over_bound = self.update_quantile(rate)
+        elif self.lossfree.balancing == "bias":
             if self.flat_bias is not None:
                 over_bound = self.update_flat_bias(reduced[: self.flat_bias.numel()].view_as(self.flat_bias), rate)
             else:
@@ -193,6 +212,38 @@ class BiasBalancer:
             new_LE = torch.where(rows_L.unsqueeze(1), new_LE, self.flat_bias)
         self.flat_bias.copy_(new_LE)
         return ((new_LE - self.bias_origin).abs() > self.lossfree.bias_warn_bound).any().long()
+
+    @torch.no_grad()
+    def update_quantile(self, rate: float) -> Optional[torch.Tensor]:
+        """The quantile rule from the reduced statistics (pure maths: ``quantile.py``): exact, the average
+        solution (sum over ranks and micro-batches / their count, Megatron's ``accum / count``); histogram,
+        the k/E quantile of the summed histograms. Then ``centre(ema*b + (1-ema)*solution)`` per layer,
+        Megatron's ``_update_router_qb_beta``. A layer that observed nothing, a frozen or eval-mode router,
+        and a bias frozen by the v3 schedule (rate 0) keep their bias. Returns the large-bias flag."""
+        if rate == 0.0:
+            return None
+        cfg = self.lossfree
+        rows = self.updating_rows()
+        offset = 0
+        for i, router in enumerate(self.routers):
+            width = router.expert_bias.numel()
+            size = width * (cfg.quantile_bins if cfg.quantile_estimator == "histogram" else 1)
+            stats = self.last_quantile[offset: offset + size]
+            observed = self.last_quantile[offset + size]
+            offset += size + 1
+            if not bool(observed > 0) or (rows is not None and not bool(rows[i])):
+                continue
+            if cfg.quantile_estimator == "exact":
+                solution_E = stats.float() / observed.float()
+            else:
+                solution_E = quantile.qb_histogram_quantile_E(
+                    stats.view(width, cfg.quantile_bins), router.expert_bias, self.topk, num_tokens=observed,
+                    margin=cfg.quantile_margin).float()
+            router.expert_bias.copy_(quantile.qb_blend_center(router.expert_bias, solution_E, cfg.quantile_ema))
+        if self.flat_bias is None:
+            self.check_bias_bound(list(range(len(self.routers))), torch.stack([r.expert_bias for r in self.routers]))
+            return None
+        return (self.flat_bias.abs() > cfg.bias_warn_bound).any().long()
 
     @torch.no_grad()
     def update_biases(self, counts: list[torch.Tensor], rate: float) -> None:

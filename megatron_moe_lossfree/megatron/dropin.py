@@ -18,8 +18,9 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 | moe_router_force_load_balancing, _force_biased,  | honoured: Megatron's ``TopKRouter.forward`` is inherited  |
 | moe_input_jitter_eps                             |                                                           |
 | moe_enable_routing_replay                        | honoured: the plugin's selection is recorded / replayed   |
-| sinkhorn, quantile_balancing (until the quantile | refused by name                                           |
-| rule lands), moe_router_fusion, mtp_num_layers,  |                                                           |
+| quantile_balancing, moe_router_quantile_balancing| mapped: ``--lossfree-update-rule quantile``, exact on logits|
+| _ema                                             | with that EMA (the plugin's bias is -qb_beta)             |
+| sinkhorn, moe_router_fusion, mtp_num_layers,     | refused by name                                           |
 | CUDA graphs over the router, inference_optimized,|                                                           |
 | moe_expert_rank_capacity_factor                  |                                                           |
 
@@ -85,9 +86,10 @@ def refusals(config, lossfree: LossFreeConfig):
     if "sinkhorn" in types:
         yield (f"{cli('moe_router_load_balancing_type')} (sinkhorn) is not supported by the plugin's router: "
                f"use --moe-router-enable-expert-bias or {flag('balancing')} bias (loss-free), or aux_loss")
-    if "quantile_balancing" in types:
-        yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) is not supported by the plugin's "
-               f"router yet: use {flag('balancing')} bias with {flag('update_rule')} sign")
+    if "quantile_balancing" in types and len(types) > 1:
+        yield (f"{cli('moe_router_load_balancing_type')} ({' '.join(types)}): Megatron enables quantile_balancing "
+               f"only as the sole type (in a list it is ignored): give it alone, or use {flag('update_rule')} "
+               f"quantile with the other losses")
     unknown = [t for t in types if t not in MEGATRON_LOSSES + ("none", "sinkhorn", "quantile_balancing")]
     if unknown:
         yield (f"{cli('moe_router_load_balancing_type')} ({', '.join(unknown)}) is unknown to the plugin: use "
@@ -127,6 +129,25 @@ def conflicts(config, lossfree: LossFreeConfig):
         if coeff > 0 and getattr(lossfree, field) > 0:
             yield (f"{cli('moe_router_load_balancing_type')} {megatron_type} with {cli('moe_aux_loss_coeff')} "
                    f"({coeff:g}) and {flag(field)} ({getattr(lossfree, field):g}) are the same loss twice: keep one")
+    if megatron_quantile(config):
+        if getattr(config, "moe_router_enable_expert_bias", False):
+            yield (f"{cli('moe_router_enable_expert_bias')} (True) and {cli('moe_router_load_balancing_type')} "
+                   f"(quantile_balancing) both set the plugin's bias rule: keep one")
+        if lossfree.update_rule not in (DEFAULTS.update_rule, "quantile"):
+            yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) and {flag('update_rule')} "
+                   f"({lossfree.update_rule}) disagree: keep one")
+        ema = getattr(config, "moe_router_quantile_balancing_ema", 0.0)
+        if lossfree.quantile_ema not in (DEFAULTS.quantile_ema, ema):
+            yield (f"{cli('moe_router_quantile_balancing_ema')} ({ema:g}) and {flag('quantile_ema')} "
+                   f"({lossfree.quantile_ema:g}) disagree: give one")
+        for field in ("quantile_estimator", "quantile_space"):
+            if getattr(lossfree, field) != getattr(DEFAULTS, field):
+                yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) is Megatron's exact estimator "
+                       f"on logits; {flag(field)} ({getattr(lossfree, field)}) asks otherwise: use "
+                       f"{flag('update_rule')} quantile instead of Megatron's flag")
+        if lossfree.balancing == "none" and lossfree is not MEGATRON_ONLY:
+            yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) and {flag('balancing')} (none) "
+                   f"disagree: drop one")
     if getattr(config, "moe_router_enable_expert_bias", False):
         rate = config.moe_router_bias_update_rate
         if lossfree.balancing == "none" and lossfree is not MEGATRON_ONLY:
@@ -144,6 +165,11 @@ def conflicts(config, lossfree: LossFreeConfig):
                    f"({lossfree.bias_kind}) disagree: drop {cli('moe_router_enable_expert_bias')}")
 
 
+def megatron_quantile(config) -> bool:
+    """Megatron enables its quantile balancing only for the plain string type."""
+    return getattr(config, "moe_router_load_balancing_type", None) == "quantile_balancing"
+
+
 def mapped(config, lossfree: LossFreeConfig) -> LossFreeConfig:
     """The plugin config with Megatron's group limit and expert-bias flags carried onto it."""
     changes = {}
@@ -153,6 +179,10 @@ def mapped(config, lossfree: LossFreeConfig) -> LossFreeConfig:
         changes.update(route_limit="node", route_groups=config.moe_router_num_groups, route_max_groups=groups)
     if getattr(config, "moe_router_enable_expert_bias", False):
         changes.update(balancing="bias", update_rule="sign", update_rate=config.moe_router_bias_update_rate)
+    if megatron_quantile(config):
+        # Megatron-Core 0.19's QB: exact estimator on logits, its EMA (REFERENCE 10; docs/notes_qb_megatron.md)
+        changes.update(balancing="bias", update_rule="quantile", quantile_estimator="exact", quantile_space="logits",
+                       quantile_ema=float(getattr(config, "moe_router_quantile_balancing_ema", 0.0)))
     return dataclasses.replace(lossfree, **changes) if changes else lossfree
 
 

@@ -28,7 +28,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_moe_lossfree import balancing, routing
+from megatron_moe_lossfree import balancing, quantile, routing
 from megatron_moe_lossfree.config import LossFreeConfig, flag
 from megatron_moe_lossfree.errors import LossFreeConfigError
 from megatron_moe_lossfree.megatron import compat, dropin
@@ -66,6 +66,38 @@ class LossFreeRouter(TopKRouter):
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         self.frozen_expert_bias = getattr(self, "frozen_expert_bias", False)  # 0.19's flag; 0.16 lacks it
+        self.register_quantile_state()
+
+    # -- quantile rule state ------------------------------------------------------------------------
+    def register_quantile_state(self) -> None:
+        """Per-step accumulators of the quantile rule (not checkpointed: a step's solutions or histograms
+        are consumed by the balancer at the step's end, before any save; the EMA state is the bias).
+
+        Megatron 0.19 registers ``qb_beta``/``qb_beta_accum``/``qb_beta_count`` for its own QB; the plugin's
+        bias is ``expert_bias`` (= -qb_beta), so those are removed and ``qb_beta_accum`` left None, which
+        Megatron's finalize skips (one owner)."""
+        for name in ("qb_beta", "qb_beta_accum", "qb_beta_count"):
+            if name in self._buffers:
+                del self._buffers[name]
+            setattr(self, name, None)
+        cfg, num_experts = self.lossfree, self.config.num_moe_experts
+        self.quantile = cfg.balancing == "bias" and cfg.update_rule == "quantile"
+        exact = self.quantile and cfg.quantile_estimator == "exact"
+        histogram = self.quantile and cfg.quantile_estimator == "histogram"
+        self.register_buffer("qb_solution_sum", torch.zeros(num_experts, dtype=torch.float32) if exact else None,
+                             persistent=False)
+        self.register_buffer("qb_histogram", torch.zeros(num_experts, cfg.quantile_bins, dtype=torch.int64)
+                             if histogram else None, persistent=False)
+        # exact: micro-batches solved; histogram: valid tokens behind the histograms (the n of n*K/E)
+        self.register_buffer("qb_observed", torch.zeros((), dtype=torch.int64) if self.quantile else None,
+                             persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A Megatron-native quantile-balancing checkpoint holds ``qb_beta``: the plugin's bias is -qb_beta."""
+        beta = state_dict.pop(prefix + "qb_beta", None)
+        if beta is not None and prefix + "expert_bias" not in state_dict and self.expert_bias is not None:
+            state_dict[prefix + "expert_bias"] = -beta.float()
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- fp32 bias under bf16/fp16 wrappers ---------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
@@ -130,6 +162,69 @@ class LossFreeRouter(TopKRouter):
 
         return self.router_replay.get_replay_topk(scores_TE, self.topk, None, None, compute_topk)[1].long()
 
+    def selects_on_logits(self) -> bool:
+        return self.quantile and self.lossfree.quantile_space == "logits"
+
+    def observe_quantile(self, select_TE: torch.Tensor, valid_T: Optional[torch.Tensor]) -> None:
+        """The quantile rule's per-micro-batch work (pure maths in ``quantile.py``), in a training forward
+        with grad only (so activation recompute observes each micro-batch once, like the counts).
+
+        - exact (Megatron-Core 0.19 ``qb_dual_update``): the values are all-gathered over TP x CP first, as
+          Megatron does, so every rank solves the whole sequence's quantile; the solution is summed;
+        - histogram (Kimi K3 / torchtitan): this rank's tokens only; histograms add up in the balancer's
+          one all-reduce (no gather).
+        Padding leaves the quantile (``valid_T``); under device/node-limited routing the quantile is taken
+        over the experts each token could reach (``reachable_TE``: beyond Megatron, which refuses groups).
+        """
+        cfg = self.lossfree
+        with torch.no_grad():
+            values_TE = select_TE.detach().float()
+            if cfg.quantile_estimator == "exact":
+                values_TE, valid_T = self.gather_tp_cp(values_TE, valid_T)
+            reachable_TE = self.reachable_experts(values_TE)
+            if cfg.quantile_estimator == "exact":
+                solved_E = quantile.qb_exact_solve_E(values_TE, self.expert_bias, self.topk, valid_T=valid_T,
+                                                     reachable_TE=reachable_TE)
+                self.qb_solution_sum += solved_E.float()
+                self.qb_observed += 1
+            else:
+                self.qb_histogram += quantile.qb_histogram_EB(
+                    values_TE, self.expert_bias, self.topk, bins=cfg.quantile_bins, margin=cfg.quantile_margin,
+                    valid_T=valid_T, reachable_TE=reachable_TE)
+                self.qb_observed += values_TE.shape[0] if valid_T is None else valid_T.sum()
+
+    def reachable_experts(self, values_TE: torch.Tensor) -> Optional[torch.Tensor]:
+        """bool [T, E] of the experts the route limit left each token (chosen on the biased values, as the
+        selection did), or None without a limit."""
+        cfg = self.lossfree
+        if cfg.route_limit == "none":
+            return None
+        biased_TE = routing.BIAS_KINDS[cfg.bias_kind](values_TE, self.expert_bias.float())
+        masked_TE = routing.mask_unselected_groups(biased_TE, self.topk, self.route_limit_groups(),
+                                                   cfg.route_max_groups, routing.ROUTE_LIMITS[cfg.route_limit])
+        return torch.isfinite(masked_TE)
+
+    def gather_tp_cp(self, values_TE: torch.Tensor, valid_T: Optional[torch.Tensor]):
+        """All-gather the rows over TP x CP (Megatron-Core 0.19's QB gathers its logits the same way)."""
+        group = self.tp_cp_group
+        size = group.size() if group is not None else 1
+        if size == 1:
+            return values_TE, valid_T
+        import torch.distributed as dist
+
+        full_TE = values_TE.new_empty((values_TE.shape[0] * size, values_TE.shape[1]))
+        dist.all_gather_into_tensor(full_TE, values_TE.contiguous(), group=group)
+        if valid_T is not None:  # as uint8: gloo has no bool collectives
+            full_T = torch.empty(valid_T.shape[0] * size, dtype=torch.uint8, device=valid_T.device)
+            dist.all_gather_into_tensor(full_T, valid_T.to(torch.uint8).contiguous(), group=group)
+            valid_T = full_T.bool()
+        return full_TE, valid_T
+
+    def reset_quantile_state(self) -> None:
+        for buffer in (self.qb_solution_sum, self.qb_histogram, self.qb_observed):
+            if buffer is not None:
+                buffer.zero_()
+
     def megatron_gates(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TK: torch.Tensor):
         """The gates of the chosen experts with Megatron's arithmetic and dtype
         (``topk_routing_with_score_function``): softmax after the top-K is the softmax of the K chosen
@@ -158,8 +253,13 @@ class LossFreeRouter(TopKRouter):
         self.note_nonfinite(logits_TE)
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=pad_T)  # Megatron's (scaling, tracker)
         scores_TE = routing.compute_scores(logits_TE, self.score_function)  # fp32
-        experts_TK = self.select_or_replay(scores_TE)
-        self.count_loads(experts_TK, None if pad_T is None else ~pad_T)
+        # The quantile rule in Megatron's space selects on logits + b (= logits - qb_beta).
+        select_TE = logits_TE.detach().float() if self.selects_on_logits() else scores_TE
+        experts_TK = self.select_or_replay(select_TE)
+        valid_T = None if pad_T is None else ~pad_T
+        self.count_loads(experts_TK, valid_T)
+        if self.quantile and self.is_counting():
+            self.observe_quantile(select_TE, valid_T)
         gates_TK = self.megatron_gates(logits_TE, scores_TE, experts_TK)
         gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch, pad_T=pad_T)
         self.last_selection = (gates_TK.detach(), experts_TK)

@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Megatron's expert bias (sign rule); with the plugin's router it drives the plugin's balancer")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
     g.add_argument("--moe-router-load-balancing-type", nargs="+", default=["none"],
-                   metavar="{aux_loss,seq_aux_loss,global_aux_loss,none}")
+                   metavar="{aux_loss,seq_aux_loss,global_aux_loss,quantile_balancing,none}")
     g.add_argument("--moe-aux-loss-coeff", type=float, nargs="+", default=[0.0])
+    g.add_argument("--moe-router-quantile-balancing-ema", type=float, default=0.0,
+                   help="megatron-core >= 0.19: EMA of Megatron's quantile_balancing")
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-pre-softmax", action="store_true")
     g.add_argument("--moe-router-num-groups", type=int, default=None)
@@ -190,6 +192,14 @@ def _violations(a: argparse.Namespace):
     if a.megatron_router and a.lossfree_balancing != "none":
         yield ("--megatron-router (Megatron's own router, no plugin bias) and --lossfree-balancing bias "
                "disagree: add --lossfree-balancing none (and --moe-router-enable-expert-bias for Megatron's bias)")
+    from megatron_moe_lossfree.megatron.compat import megatron_core_version
+
+    if megatron_core_version().release < (0, 19) and (
+            a.moe_router_quantile_balancing_ema or (a.megatron_router and "quantile_balancing" in
+                                                    a.moe_router_load_balancing_type)):
+        yield (f"Megatron's quantile balancing (--moe-router-load-balancing-type quantile_balancing with "
+               f"--megatron-router, or --moe-router-quantile-balancing-ema) needs megatron-core >= 0.19 (installed: "
+               f"{megatron_core_version()}): use the plugin's --lossfree-update-rule quantile")
     if len(a.moe_aux_loss_coeff) not in (1, len(a.moe_router_load_balancing_type)):
         yield (f"--moe-aux-loss-coeff ({' '.join(map(str, a.moe_aux_loss_coeff))}) needs one value or one per "
                f"--moe-router-load-balancing-type ({' '.join(a.moe_router_load_balancing_type)})")

@@ -44,7 +44,11 @@ def megatron_router_fields(args: argparse.Namespace) -> dict:
     meanings; with the plugin's router, ``megatron/dropin.py`` honours, maps or refuses each)."""
     types = args.moe_router_load_balancing_type
     coeffs = args.moe_aux_loss_coeff
+    newer = {}
+    if args.moe_router_quantile_balancing_ema:  # a 0.19 field: only set when asked (0.16 lacks it)
+        newer["moe_router_quantile_balancing_ema"] = args.moe_router_quantile_balancing_ema
     return dict(
+        **newer,
         moe_router_score_function=args.moe_router_score_function,
         moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
         moe_router_pre_softmax=args.moe_router_pre_softmax,

@@ -28,7 +28,12 @@ MODEL[MODEL.index("--train-iters") + 1] = str(STEPS)
 
 def plugin_flags(flags: Sequence[str]) -> list[str]:
     """Only Megatron's flags; the plugin's default bias is turned off unless Megatron's flag maps onto it."""
-    return list(flags) if "--moe-router-enable-expert-bias" in flags else [*flags, "--lossfree-balancing", "none"]
+    megatron_bias = "--moe-router-enable-expert-bias" in flags or "quantile_balancing" in flags
+    return list(flags) if megatron_bias else [*flags, "--lossfree-balancing", "none"]
+
+
+def is_bias(key: str) -> bool:
+    return key.endswith("expert_bias") or key.endswith("qb_beta")
 
 
 def _setup(flags: Sequence[str], out: str):
@@ -73,16 +78,18 @@ def pair_case(workdir: str, name: str, flags: Sequence[str]) -> dict:
     native_losses, native_maps, native_state = _run(native)
     plugin_losses, plugin_maps, plugin_state = _run(plugin)
     param_diff = max(float((native_state[k].double() - plugin_state[k].double()).abs().max())
-                     for k in native_state if "expert_bias" not in k and native_state[k].is_floating_point())
-    biases = [k for k in native_state if k.endswith("expert_bias")]
+                     for k in native_state if not is_bias(k) and native_state[k].is_floating_point())
+    # Megatron's quantile balancing keeps qb_beta; the plugin's bias is expert_bias = -qb_beta.
+    pairs = [(k, k, 1.0) for k in native_state if k.endswith("expert_bias")]
+    pairs += [(k, k[: -len("qb_beta")] + "expert_bias", -1.0) for k in native_state if k.endswith("qb_beta")]
     for trainer in (native, plugin):
         trainer.logger.close()
     return {
         "native_losses": native_losses, "plugin_losses": plugin_losses, "param_diff": param_diff,
-        "bias_keys": len(biases),
-        "bias_equal": all(torch.equal(native_state[k], plugin_state[k]) for k in biases),
-        "bias_diff": {k: [x for x in (native_state[k] - plugin_state[k]).tolist() if x] for k in biases},
-        "bias_moved": any(bool(native_state[k].abs().sum() > 0) for k in biases),
+        "bias_keys": len(pairs),
+        "bias_equal": all(torch.equal(sign * native_state[n], plugin_state[p]) for n, p, sign in pairs),
+        "bias_diff": {n: [x for x in (sign * native_state[n] - plugin_state[p]).tolist() if x] for n, p, sign in pairs},
+        "bias_moved": any(bool(native_state[n].abs().sum() > 0) for n, _, _ in pairs),
         "maps": len(native_maps),
         "maps_equal": len(native_maps) == len(plugin_maps)
         and all(torch.equal(a, b) for a, b in zip(native_maps, plugin_maps)),

@@ -15,13 +15,16 @@ limit x balancing loss type x capacity and policy):
   factor, z-loss), and with an fp64 router;
 - each Megatron loss type (aux, seq aux, global aux) and a list of two types with a list of coefficients;
 - expert capacity with both drop policies, one with padding to capacity (no bias: with a bias the plugin
-  counts loads BEFORE dropping, a documented departure, tested in tests/unit/test_dropin.py).
+  counts loads BEFORE dropping, a documented departure, tested in tests/unit/test_dropin.py);
+- lane 2 (megatron-core 0.19): Megatron's quantile_balancing, with and without its EMA, against the plugin's
+  quantile rule (plugin ``expert_bias`` == -Megatron ``qb_beta``, bitwise).
 """
 
 from __future__ import annotations
 
 import pytest
 
+from megatron_moe_lossfree.megatron.compat import megatron_core_version
 from tests.distributed import dropin_cases, harness
 from tests.distributed.harness import Case
 
@@ -49,8 +52,20 @@ MATRIX = {
     "capacity_position_padded": ["--moe-expert-capacity-factor", "0.5", "--moe-token-drop-policy", "position",
                                  "--moe-pad-expert-input-to-capacity"],
 }
+# megatron-core >= 0.19: Megatron's quantile balancing against the plugin's quantile rule (exact estimator on
+# logits, mapped from Megatron's flags), with and without its EMA.
+QB = {
+    "quantile_balancing": ["--moe-router-load-balancing-type", "quantile_balancing"],
+    "quantile_balancing_ema": ["--moe-router-load-balancing-type", "quantile_balancing",
+                               "--moe-router-quantile-balancing-ema", "0.9"],
+}
+HAS_QB = megatron_core_version().release >= (0, 19)
+if HAS_QB:
+    MATRIX.update(QB)
 EP2 = ["sigmoid_bias_groups", "v3_recipe", "softmax_aux_loss", "capacity_probs"]
 EP2_FLAGS = ["--expert-model-parallel-size", "2"]
+if HAS_QB:
+    EP2.append("quantile_balancing")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +94,7 @@ def check(result: dict, name: str) -> None:
     assert result["param_diff"] <= WEIGHT_ATOL, result["param_diff"]
     assert result["maps"] > 0 and result["maps_equal"]
     assert result["bias_equal"], result["bias_diff"]
-    if "--moe-router-enable-expert-bias" in MATRIX[name]:
+    if "--moe-router-enable-expert-bias" in MATRIX[name] or name in QB:
         assert result["bias_keys"] == 3 and result["bias_moved"]
     else:
         assert result["bias_keys"] == 0

@@ -1,4 +1,4 @@
-"""balancing.py, quantile balancing (QB): the exact estimator (Megatron-Core 0.19.2's), the histogram
+"""quantile.py, quantile balancing (QB): the exact estimator (Megatron-Core 0.19.2's), the histogram
 estimator (Kimi K3 / torchtitan), and the step-level finish. REFERENCE.md section 10.
 
 Plugin convention: the bias b is ADDED to the selection score; Megatron-Core's qb_beta is
@@ -16,7 +16,7 @@ import pytest
 import torch
 from packaging.version import Version
 
-from megatron_moe_lossfree.balancing import (
+from megatron_moe_lossfree.quantile import (
     qb_blend_center,
     qb_cutoff,
     qb_exact_solve_E,
