@@ -8,6 +8,10 @@ without dist_checkpointing's metadata is reported by name instead of being loade
 ``--load`` at a directory with no checkpoint keeps Megatron-LM's meaning (``--save D --load D`` on a first
 run starts fresh), but says so in one line; ``--exit-on-missing-checkpoint`` (Megatron-LM's flag) refuses
 instead, so a typo in a resume command cannot silently restart training.
+
+A checkpoint continues at another EP or PP size (tests/distributed/test_layout_resume.py): dist_checkpointing
+reshards the weights, ``expert_bias`` and Adam's moments, and the plugin's part (tokens seen, steps, the drop
+window) is global, the same on every rank of any layout. Nothing here records or checks the saved layout.
 """
 
 from __future__ import annotations
@@ -143,7 +147,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: Optional[
     except BaseException as exc:  # torch's CheckpointException derives from BaseException
         raise LossFreeConfigError(
             f"--load checkpoint {path} does not match this model{_mismatch_hint(str(exc))}: use the same model "
-            f"shape and parallel layout flags as the run that saved it") from None
+            f"shape flags as the run that saved it (the EP and PP sizes may differ: the checkpoint is "
+            f"resharded)") from None
     unwrap(model).load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     common = dist_checkpointing.load_common_state_dict(path)

@@ -58,3 +58,18 @@ def test_micro_batches_cover_the_global_batch_once_across_dp_ranks():
         for _ in range(2):
             seen += next(it)["sample_ids"].tolist()
     assert sorted(seen) == list(range(24, 32))
+
+
+def test_micro_batches_are_the_same_global_samples_at_every_data_parallel_size():
+    """A step's global batch, and its split into micro-batches, do not depend on the DP size: a run resumed
+    at another layout (tests/distributed/test_layout_resume.py) sees the same micro-batches {2j, 2j+1}."""
+    dataset = [dict(tokens=[i], labels=[i], loss_mask=[1], position_ids=[0]) for i in range(100)]
+    per_dp = {}
+    for dp_size in (1, 2, 4):
+        micro = []
+        for rank in range(dp_size):
+            it = data.iterate_micro_batches(dataset, start_step=2, global_batch_size=8, micro_batch_size=2,
+                                            dp_rank=rank, dp_size=dp_size)
+            micro += [next(it)["sample_ids"].tolist() for _ in range(8 // (2 * dp_size))]
+        per_dp[dp_size] = micro
+    assert per_dp[1] == per_dp[2] == per_dp[4] == [[16, 17], [18, 19], [20, 21], [22, 23]]
