@@ -165,7 +165,7 @@ class LossFreeRouter(TopKRouter):
     def selects_on_logits(self) -> bool:
         return self.quantile and self.lossfree.quantile_space == "logits"
 
-    def observe_quantile(self, select_TE: torch.Tensor, valid_T: Optional[torch.Tensor]) -> None:
+    def observe_quantile(self, select_TE: torch.Tensor, valid_T: Optional[torch.Tensor]) -> torch.Tensor:
         """The quantile rule's per-micro-batch work (pure maths in ``quantile.py``), in a training forward
         with grad only (so activation recompute observes each micro-batch once, like the counts).
 
@@ -175,23 +175,29 @@ class LossFreeRouter(TopKRouter):
           one all-reduce (no gather).
         Padding leaves the quantile (``valid_T``); under device/node-limited routing the quantile is taken
         over the experts each token could reach (``reachable_TE``: beyond Megatron, which refuses groups).
+
+        Returns this rank's experts_TK: the top-K of the same biased top-(K+1) that gives the cutoffs (as
+        Megatron's ``qb_dual_update``), so the selection costs no second top-K.
         """
         cfg = self.lossfree
         with torch.no_grad():
             values_TE = select_TE.detach().float()
+            rows = slice(None)
             if cfg.quantile_estimator == "exact":
-                values_TE, valid_T = self.gather_tp_cp(values_TE, valid_T)
+                values_TE, valid_T, rows = self.gather_tp_cp(values_TE, valid_T)
             reachable_TE = self.reachable_experts(values_TE)
+            cut = quantile.qb_cutoff(values_TE, self.expert_bias, self.topk, reachable_TE=reachable_TE)
             if cfg.quantile_estimator == "exact":
                 solved_E = quantile.qb_exact_solve_E(values_TE, self.expert_bias, self.topk, valid_T=valid_T,
-                                                     reachable_TE=reachable_TE)
+                                                     reachable_TE=reachable_TE, cutoff_T=cut.cutoff_T)
                 self.qb_solution_sum += solved_E.float()
                 self.qb_observed += 1
             else:
                 self.qb_histogram += quantile.qb_histogram_EB(
                     values_TE, self.expert_bias, self.topk, bins=cfg.quantile_bins, margin=cfg.quantile_margin,
-                    valid_T=valid_T, reachable_TE=reachable_TE)
+                    valid_T=valid_T, reachable_TE=reachable_TE, cutoff_T=cut.cutoff_T)
                 self.qb_observed += values_TE.shape[0] if valid_T is None else valid_T.sum()
+            return cut.experts_TK[rows]
 
     def reachable_experts(self, values_TE: torch.Tensor) -> Optional[torch.Tensor]:
         """bool [T, E] of the experts the route limit left each token (chosen on the biased values, as the
@@ -205,12 +211,16 @@ class LossFreeRouter(TopKRouter):
         return torch.isfinite(masked_TE)
 
     def gather_tp_cp(self, values_TE: torch.Tensor, valid_T: Optional[torch.Tensor]):
-        """All-gather the rows over TP x CP (Megatron-Core 0.19's QB gathers its logits the same way)."""
+        """All-gather the rows over TP x CP (Megatron-Core 0.19's QB gathers its logits the same way); also
+        returns the slice of this rank's rows."""
         group = self.tp_cp_group
         size = group.size() if group is not None else 1
         if size == 1:
-            return values_TE, valid_T
+            return values_TE, valid_T, slice(None)
         import torch.distributed as dist
+
+        local = values_TE.shape[0]
+        rank = dist.get_rank(group=group)
 
         full_TE = values_TE.new_empty((values_TE.shape[0] * size, values_TE.shape[1]))
         dist.all_gather_into_tensor(full_TE, values_TE.contiguous(), group=group)
@@ -218,7 +228,7 @@ class LossFreeRouter(TopKRouter):
             full_T = torch.empty(valid_T.shape[0] * size, dtype=torch.uint8, device=valid_T.device)
             dist.all_gather_into_tensor(full_T, valid_T.to(torch.uint8).contiguous(), group=group)
             valid_T = full_T.bool()
-        return full_TE, valid_T
+        return full_TE, valid_T, slice(rank * local, (rank + 1) * local)
 
     def reset_quantile_state(self) -> None:
         for buffer in (self.qb_solution_sum, self.qb_histogram, self.qb_observed):
@@ -255,11 +265,12 @@ class LossFreeRouter(TopKRouter):
         scores_TE = routing.compute_scores(logits_TE, self.score_function)  # fp32
         # The quantile rule in Megatron's space selects on logits + b (= logits - qb_beta).
         select_TE = logits_TE.detach().float() if self.selects_on_logits() else scores_TE
-        experts_TK = self.select_or_replay(select_TE)
         valid_T = None if pad_T is None else ~pad_T
+        if self.quantile and self.is_counting() and self.router_replay is None:
+            experts_TK = self.observe_quantile(select_TE, valid_T)  # its top-(K+1) is also the selection
+        else:
+            experts_TK = self.select_or_replay(select_TE)
         self.count_loads(experts_TK, valid_T)
-        if self.quantile and self.is_counting():
-            self.observe_quantile(select_TE, valid_T)
         gates_TK = self.megatron_gates(logits_TE, scores_TE, experts_TK)
         gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch, pad_T=pad_T)
         self.last_selection = (gates_TK.detach(), experts_TK)

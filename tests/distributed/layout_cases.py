@@ -120,20 +120,20 @@ def _load_weights(trainer, path: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def reference_case(workdir: str) -> dict:
+def reference_case(workdir: str, variant: Sequence[str] = ()) -> dict:
     """One process: step-0 checkpoint of fresh weights, then the reference run from it."""
     from megatron.core import parallel_state as ps
 
     from megatron_moe_lossfree.training.checkpoint import checkpoint_dir, save_checkpoint
     from megatron_moe_lossfree.training.pretrain import plugin_state
 
-    init = _setup([], os.path.join(workdir, "out-init"))
+    init = _setup(list(variant), os.path.join(workdir, "out-init"))
     save_checkpoint(os.path.join(workdir, "init"), 0, init.model, init.optimizer, init.scheduler,
                     plugin_state(init))
     init.logger.close()
     ps.destroy_model_parallel()
 
-    trainer = _setup([], os.path.join(workdir, "out-reference"))
+    trainer = _setup(list(variant), os.path.join(workdir, "out-reference"))
     _load_weights(trainer, checkpoint_dir(os.path.join(workdir, "init"), 0))
     result = _train(trainer)
     final = save_checkpoint(os.path.join(workdir, "reference"), STEPS, trainer.model, trainer.optimizer,
@@ -145,13 +145,13 @@ def reference_case(workdir: str) -> dict:
     return result
 
 
-def layout_case(workdir: str, name: str, flags: Sequence[str]) -> dict:
+def layout_case(workdir: str, name: str, flags: Sequence[str], variant: Sequence[str] = ()) -> dict:
     """This layout from the reference's step-0 weights; its diffs to the reference's final weights."""
     from megatron.core import parallel_state as ps
 
     from megatron_moe_lossfree.training.checkpoint import checkpoint_dir
 
-    trainer = _setup(flags, os.path.join(workdir, f"out-{name}"))
+    trainer = _setup([*variant, *flags], os.path.join(workdir, f"out-{name}"))
     _load_weights(trainer, checkpoint_dir(os.path.join(workdir, "init"), 0))
     result = _train(trainer)
     result["diff"] = _diff_against_checkpoint(trainer, checkpoint_dir(os.path.join(workdir, "reference"), STEPS))

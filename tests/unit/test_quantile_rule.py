@@ -133,3 +133,37 @@ def test_the_step_is_one_collective_for_every_layer_and_statistic(megatron_world
         one_step(routers, [torch.randn(4, 2, H)], cfg, group=object())
         # counts (3 layers x E), non-finite flags (3), and the quantile statistics of every layer
         assert calls == [(dtype, 3 * E + 3 + 3 * per_layer)]
+
+
+def test_device_limited_routing_also_enters_the_quantile(megatron_world):
+    cfg = QB.replace(route_limit="device", route_groups=4, route_max_groups=2)
+    router = make_router(megatron_world, lossfree=cfg)
+    router.expert_bias.copy_(torch.linspace(0.5, -0.5, E))
+    x = torch.randn(8, 2, H)
+    values_TE = logits_of(router, x)
+    masked = routing.mask_unselected_groups(values_TE + router.expert_bias, K, 4, 2, routing.group_score_device)
+    router(x)
+    expected = quantile.qb_exact_solve_E(values_TE, router.expert_bias, K, reachable_TE=torch.isfinite(masked))
+    assert torch.equal(router.qb_solution_sum, expected.float())
+
+
+def test_v2_device_dropping_with_the_quantile_rule_counts_before_dropping(megatron_world):
+    """QB with V2 device-level dropping and exempt sequences (Megatron and torchtitan refuse dropping with
+    QB): the quantile and the loads see every assignment, the capacity then drops some."""
+    from megatron_moe_lossfree.megatron import exempt
+    from tests.unit.test_moe_dropping import build_layer, make_config, skew_router, skewed_input
+
+    cfg = QB.replace(drop="device", capacity_factor=0.5, exempt_fraction=0.25)
+    layer = build_layer(make_config(cfg))
+    skew_router(layer)
+    x = skewed_input()  # S 6 x B 4: 24 tokens, 48 assignments, budget ceil(0.5 * 48) = 24
+    exempt.begin_micro_batch(layer, torch.arange(4), step=0)
+    layer(x)
+    assert bool(layer.exempt_context.exempt_B.any())  # some sequences are exempt
+    assert int(layer.router.local_tokens_per_expert.sum()) == 48
+    assert int(layer.local_dropped) > 0
+    values_TE = (x.reshape(-1, x.shape[-1]) @ layer.router.weight.detach().t()).float()
+    expected = quantile.qb_exact_solve_E(values_TE, torch.zeros(values_TE.shape[1]), K)
+    assert torch.equal(layer.router.qb_solution_sum, expected.float())
+    BiasBalancer(torch.nn.ModuleList([layer]), cfg, topk=K).step()
+    assert layer.router.expert_bias.abs().sum() > 0
