@@ -15,7 +15,9 @@ from it unchanged):
 1. ``extra_args_provider=add_lossfree_args``: the ``--lossfree-*`` flags;
 2. ``gpt_model_config_from_args``: the plugin's layer spec (unless ``--spec`` is given) and a
    post-wrap hook that installs the BiasBalancer as ``config.finalize_model_grads_func``.
-Megatron's own ``--moe-router-enable-expert-bias`` must stay off (it fails with the fix otherwise).
+Megatron's router flags keep their meaning (megatron/dropin.py): ``--moe-router-enable-expert-bias`` and
+``--moe-router-bias-update-rate`` are mapped onto the plugin's balancer (sign rule, that rate), group-limited
+routing onto its node limit; a ``--lossfree-*`` flag that contradicts one of them is refused by name.
 """
 
 import os
@@ -142,8 +144,20 @@ def prepare_process() -> None:
     _dataset_helpers_for_this_python()
 
 
+class _RecordChunks:
+    """A ``post_wrap_hooks`` entry that keeps the wrapped model chunks (for the router summary)."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def __call__(self, model_chunks):
+        self.chunks = list(model_chunks)
+        return model_chunks
+
+
 def record_model_configs() -> list:
-    """Collect the GPTModelConfig that stock pretrain_gpt.py builds (for the summary afterwards)."""
+    """Collect the GPTModelConfig that stock pretrain_gpt.py builds (for the summary afterwards), each with
+    a ``_RecordChunks`` post-wrap hook, so that ``print_router_biases`` can read the routers."""
     from megatron.training.models.gpt import GPTModelBuilder
 
     recorded = []
@@ -151,10 +165,25 @@ def record_model_configs() -> list:
 
     def init(self, model_config):
         recorded.append(model_config)
+        model_config.post_wrap_hooks.append(_RecordChunks())
         original_init(self, model_config)
 
     GPTModelBuilder.__init__ = init
     return recorded
+
+
+def print_router_biases(model_config) -> None:
+    """Every rank: the expert_bias of each router it holds, Megatron's TopKRouter or the plugin's
+    LossFreeRouter alike (so a run without the plugin can be compared with one with it)."""
+    chunks = [c for h in model_config.post_wrap_hooks if isinstance(h, _RecordChunks) for c in h.chunks]
+    rank = int(os.environ.get("RANK", "0"))
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            bias_E = getattr(module, "expert_bias", None)
+            if name.endswith("router") and bias_E is not None:
+                layer = getattr(module, "layer_number", "?")
+                values = " ".join(f"{v:+.9f}" for v in bias_E.tolist())
+                print(f"router: rank {rank} layer {layer} {type(module).__name__} expert_bias [{values}]", flush=True)
 
 
 def main() -> None:
@@ -192,14 +221,20 @@ def print_balancer_summary(model_config) -> None:
     if balancer is None:
         print("lossfree: no BiasBalancer was installed", flush=True)
         return
-    print(f"lossfree: {len(balancer.routers)} LossFreeRouter(s), {balancer.steps} bias updates, "
-          f"{balancer.tokens_seen} tokens counted, rule {balancer.lossfree.update_rule}, "
-          f"u {balancer.lossfree.update_rate:g}", flush=True)
+    lossfree = balancer.lossfree  # the effective options (Megatron's flags mapped, dropin.py)
+    if lossfree.balancing == "bias":
+        what = (f"{balancer.steps} bias updates, {balancer.tokens_seen} tokens counted, "
+                f"rule {lossfree.update_rule}, u {lossfree.update_rate:g}")
+    else:  # e.g. stock pretrain_gpt.py + --spec without --moe-router-enable-expert-bias: no bias
+        what = f"{balancer.steps} steps, {balancer.tokens_seen} tokens counted, balancing {lossfree.balancing}"
+    print(f"lossfree: {len(balancer.routers)} LossFreeRouter(s), {what}", flush=True)
     for router, counts_E in zip(balancer.routers, balancer.last_counts or [None] * len(balancer.routers)):
         bias_E = router.expert_bias
-        line = f"lossfree: {router.layer_name()}: expert_bias min {bias_E.min().item():+.4f} max {bias_E.max().item():+.4f}"
+        line = f"lossfree: {router.layer_name()}:"
+        if bias_E is not None:
+            line += f" expert_bias min {bias_E.min().item():+.4f} max {bias_E.max().item():+.4f}"
         if counts_E is not None:
-            line += f" | last step tokens per expert {counts_E.tolist()}"
+            line += f"{' |' if bias_E is not None else ''} last step tokens per expert {counts_E.tolist()}"
         print(line, flush=True)
 
 
