@@ -2,15 +2,20 @@
 
 Shape suffixes: T tokens, E experts, K top-k.
 
-Forward, in phases:
-1. logits_TE = gate(hidden) (Megatron's fp32 router GEMM), checked finite; Megatron's z-loss if configured.
-2. scores_TE = score_function(logits_TE)                       (sigmoid / softmax / sqrtsoftplus)
-3. gates_TK, experts_TK = select_experts(scores_TE, expert_bias_E, K)  (LFB Alg. 1: bias for selection only)
-4. counts_E += bincount(experts_TK)  -- BEFORE any dropping, int64, only in a training forward with grad
-   enabled, so eval, no-grad forwards and the no-grad first pass of activation recompute never count, and
-   the recompute pass in backward counts each token exactly once.
-5. balance losses (classic, V3 sequence-wise, V2 device/communication) attached to the gates.
-6. probs_TE / routing_map_TE in Megatron's layout for the dispatcher.
+Forward, in phases (Megatron's ``TopKRouter.routing`` order; Megatron's flags per ``dropin.py``):
+1. logits_TE = gate(hidden) (Megatron's router GEMM in ``moe_router_dtype``), checked finite; Megatron's
+   own z-loss (padding-aware, per-token scaled, tracked).
+2. scores_TE = score_function(logits_TE) in fp32               (sigmoid / softmax / sqrtsoftplus)
+3. experts_TK = biased top-K (LFB Alg. 1: bias for selection only) on scores, or on logits for the quantile
+   rule in Megatron's space; through Megatron's RouterReplay when replay is on. The quantile rule's top-(K+1)
+   also gives each token's cutoff, and its per-micro-batch statistic is taken here.
+4. counts_E += bincount(experts_TK) of the non-padding tokens -- BEFORE any dropping, int64, only in a
+   training forward with grad enabled, so eval, no-grad forwards and the no-grad first pass of activation
+   recompute never count, and the recompute pass in backward counts each token exactly once.
+5. gates with Megatron's arithmetic and dtype; the plugin's balance losses (classic, V3 sequence-wise, V2
+   device/communication) attached through Megatron's attach-and-log.
+6. probs_TE / routing_map_TE in Megatron's layout; Megatron's own expert capacity (if set); Megatron's own
+   aux / seq-aux / global-aux losses (if set).
 
 The bias update itself is not here: ``balancer.BiasBalancer`` does it once per optimizer step for every
 layer in one collective. Megatron forbids a bias with softmax; this router allows it (LFB appendix C).
@@ -354,7 +359,15 @@ class LossFreeRouter(TopKRouter):
 
     def attach_loss(self, gates_TK, coeff: float, loss, name: str):
         """Megatron's attach-and-log when the router knows its layer (the tracker needs it), else the bare
-        autoscaler (a router built outside a MoE layer, as in unit tests)."""
+        autoscaler (a router built outside a MoE layer, as in unit tests).
+
+        Under sequence/context parallelism every TP x CP rank computes the plugin's loss on its own slice and
+        the router's gradients are summed over TP, so each rank's loss is divided by the TP x CP size: the
+        gradient is that of the mean slice loss, not TP x CP times it (Megatron 0.19 divides its z-loss
+        coefficient the same way; its aux losses are partial sums over globally reduced counts instead)."""
+        size = self.tp_cp_group.size() if self.tp_cp_group is not None else 1
+        if size > 1:
+            loss = loss / size
         if self.layer_number is None:
             return MoEAuxLossAutoScaler.apply(gates_TK, loss)
         return self.attach_and_log_load_balancing_loss(
