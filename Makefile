@@ -10,7 +10,7 @@ PY_NEXT    = $(VENV_NEXT)/bin/python
 # entry point lane 1 already covers), to keep CI under 30 minutes on 2 cores.
 NEXT_TESTS ?= --ignore=tests/integration/test_ablation_run.py
 
-.PHONY: demo test test-next setup bench gpu-check clean
+.PHONY: demo test test-next setup bench bench-next gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-next: $(VENV_NEXT)/.installed
 
 bench: $(STAMP)
 	cd benchmarks && TORCHDYNAMO_DISABLE=1 ../$(PY) run_all.py
+
+# Quantile balancing against Megatron-Core 0.19's own QB needs lane 2 (megatron-core 0.19.2).
+bench-next: $(VENV_NEXT)/.installed
+	cd benchmarks && TORCHDYNAMO_DISABLE=1 ../$(PY_NEXT) bench_quantile.py
 
 # One GPU, at most 8 minutes: the card, the gpu/fp8 tests, 50 bf16 + 50 FP8 training steps, the router
 # benchmark against Megatron's (fused) router; --dry-run prints the plan (benchmarks/gpu_check.py).
