@@ -186,3 +186,37 @@ def test_routing_replay_records_and_replays_the_plugin_s_selection(megatron_worl
     assert torch.equal(replayed_map, recorded_map)
     torch.testing.assert_close(probs_TE.sum(-1), torch.ones(8))  # fresh, normalised gates
     RouterReplay.clear_global_router_replay_instances()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_plugin_losses_take_megatron_s_scaling(megatron_world, per_token):
+    """The plugin's loss reaches the router weight as Megatron's losses do: times the local token count
+    under calculate_per_token_loss (finalize_model_grads divides by the global token count), and divided by
+    the TP x CP size (each rank's loss is a whole slice's and router grads are summed over TP)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    def loss_grad(tp_cp_size):
+        torch.manual_seed(0)
+        router = make_router(megatron_world, lossfree=LossFreeConfig(balancing="none", seq_aux_loss_coeff=1e-2),
+                             calculate_per_token_loss=per_token)
+        router.tp_cp_group = types.SimpleNamespace(size=lambda: tp_cp_size)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+        probs, _ = router(torch.randn(4, 2, H))
+        (probs * 0).sum().backward()  # only the attached loss sends a gradient
+        return router.weight.grad.clone()
+
+    one, two = loss_grad(1), loss_grad(2)
+    assert one.abs().sum() > 0
+    # Megatron 0.19's attach multiplies per-token losses by the TP x CP size as well (finalize divides by
+    # tokens counted on every TP rank); 0.16 does not. Either way the plugin's gradient is Megatron's
+    # scaling of the mean slice loss.
+    from megatron_moe_lossfree.megatron.compat import megatron_core_version
+
+    factor = 1.0 if per_token and megatron_core_version().release >= (0, 19) else 0.5
+    torch.testing.assert_close(two, one * factor)
+    if per_token:
+        torch.manual_seed(0)
+        router = make_router(megatron_world, lossfree=LossFreeConfig(balancing="none", seq_aux_loss_coeff=1e-2))
+        probs, _ = router(torch.randn(4, 2, H))
+        (probs * 0).sum().backward()
+        torch.testing.assert_close(one, router.weight.grad * 8)  # T_local = 8 tokens
