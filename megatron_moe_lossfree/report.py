@@ -1,9 +1,13 @@
 """``mlf-report``: plots and a summary table from one or more runs' ``metrics.jsonl``.
 
     mlf-report runs/lossfree runs/auxloss --out report/ --smooth 100
+    mlf-report --scatter runs/ablate/small --out docs/ablations/
 
 CPU only, a few seconds. Writes to ``--out`` (default: ``RUN_DIR/report`` of the first run):
 maxvio_batch.png, load_heatmap.png, bias.png, loss.png and summary.md; prints the table to stdout.
+With ``--scatter`` the arguments are mlf-ablate output directories instead, and it draws scatter.png
+(validation perplexity against MaxVio_global of every finished run under them, arm means marked, the
+floors as lines) and scatter.md (default ``--out``: the first directory); see ``ablation/scatter.py``.
 
 Reading and aggregation (``load_run``, ``moving_average``, ``tail``, ``summarize``, ``tail_loads``)
 are pure and tested on exact values; plotting (``write_report``) only draws what they return.
@@ -342,12 +346,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="MaxVio_batch moving-average window in steps (default 100, as LFB)")
     parser.add_argument("--bias-layer", type=int, default=1,
                         help="MoE layer (1-based) whose per-expert biases are drawn (default 1)")
+    parser.add_argument("--scatter", action="store_true",
+                        help="RUN_DIRs are mlf-ablate --out directories: draw scatter.png (validation PPL vs "
+                             "MaxVio_global of every finished run under them, with the floors) and scatter.md")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     return parser.parse_args(list(argv))
 
 
 def main(argv: Sequence[str]) -> dict:
     args = parse_args(argv)
+    if args.scatter:
+        from megatron_moe_lossfree.ablation.scatter import write_scatter
+
+        files = write_scatter(args.run_dirs, args.out or args.run_dirs[0])
+        print(f"wrote {', '.join(files)}")
+        return {"files": files}
     if args.labels is not None and len(args.labels) != len(args.run_dirs):
         raise LossFreeConfigError(
             f"--labels ({len(args.labels)} given) must have one label per RUN_DIR "

@@ -1,10 +1,16 @@
-"""The paper-shaped table of an ablation: each arm's published numbers beside ours (mean and seed spread).
+"""The paper-shaped table of an ablation: each arm's published numbers beside ours, the floors, and the
+paired difference from the compared arm.
 
 Pure functions over per-run metric dicts (``run_metrics`` reads them from a run directory through
-``megatron_moe_lossfree.report``); the plots and summary.md come from ``report.write_report``.
+``megatron_moe_lossfree.report``; ``ablation.floors.run_floors`` adds the floors); the plots and
+summary.md come from ``report.write_report``.
 
-A difference between two arms is called ("lower" / "higher") only when their seed ranges [min, max]
-do not overlap; otherwise the cell says "≈" (within the spread). One seed has no spread: nothing is called.
+Statistics (issue 18, item 2). Every arm runs with the same seeds (same initialisation, same data
+order), so arms are compared seed by seed: the paired difference d_s = arm_s - compared_s, reported as
+mean [min, max] over the seeds both have. A difference is called ("lower" / "higher") only when every
+seed agrees on its sign (with at least two seeds); otherwise the cell says "≈". Without seed pairs
+(results without a ``seed``) it is called only when the seed ranges [min, max] do not overlap, which
+implies the same sign for every pair. One seed: nothing is called.
 """
 
 from __future__ import annotations
@@ -19,11 +25,19 @@ from megatron_moe_lossfree.report import RunData, summarize, tail
 METRICS: dict[str, tuple[str, str, float]] = {
     # key: (column label, format, multiplier)
     "final_loss": ("val loss", ".3f", 1.0),
-    "final_ppl": ("val PPL", ".1f", 1.0),
+    "final_ppl": ("val PPL", ".2f", 1.0),
     "maxvio_global": ("MaxVio_global", ".3f", 1.0),
     "maxvio_batch_tail": ("MaxVio_batch (last 10%)", ".3f", 1.0),
     "maxvio_compute_tail": ("MaxVio_compute (last 10%)", ".3f", 1.0),
     "drop_tail": ("drop % (last 10%)", ".2f", 100.0),
+}
+
+FLOORS: dict[str, tuple[str, str, str]] = {
+    # key: (column label, format, the METRICS key whose floor it is)
+    "floor_random_global": ("MaxVio_global floor: random", ".3f", "maxvio_global"),
+    "floor_oracle_global": ("MaxVio_global floor: oracle", ".3f", "maxvio_global"),
+    "floor_random_batch": ("MaxVio_batch floor: random", ".3f", "maxvio_batch_tail"),
+    "floor_random_compute": ("MaxVio_compute floor: random", ".3f", "maxvio_compute_tail"),
 }
 
 
@@ -31,8 +45,24 @@ def _finite(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def tail_gain(valid: Sequence[dict], fraction: float = 0.2) -> Optional[float]:
+    """Relative improvement of the validation loss over the last ``fraction`` of the steps:
+    (loss at the last evaluation at or before step (1 - fraction) * S - final loss) / that loss, S the
+    final evaluation's step (issue 18: the loss has flattened when this is below 3%). None with fewer
+    than two evaluations."""
+    rows = [r for r in valid if _finite(r.get("loss")) is not None]
+    if len(rows) < 2:
+        return None
+    final = rows[-1]
+    earlier = [r for r in rows[:-1] if r["step"] <= (1 - fraction) * final["step"]]
+    if not earlier:
+        return None
+    return (earlier[-1]["loss"] - final["loss"]) / earlier[-1]["loss"]
+
+
 def run_metrics(run: RunData) -> dict:
-    """Every METRICS key for one run (None where the run did not log it), plus ``steps``."""
+    """Every METRICS key for one run (None where the run did not log it), plus ``steps`` and
+    ``val_loss_tail_gain`` (``tail_gain``)."""
     summary = summarize(run)
     last_valid = run.valid[-1] if run.valid else {}
     compute = [_finite(r["maxvio_compute"]) for r in tail([r for r in run.train if "maxvio_compute" in r])]
@@ -45,7 +75,11 @@ def run_metrics(run: RunData) -> dict:
         "maxvio_batch_tail": summary["maxvio_batch_tail"],
         "maxvio_compute_tail": sum(compute) / len(compute) if compute else None,
         "drop_tail": summary["drop_tail"],
+        "val_loss_tail_gain": tail_gain(run.valid),
     }
+
+
+# ----------------------------------------------------------------------------- statistics
 
 
 @dataclass(frozen=True)
@@ -85,46 +119,128 @@ def judge(ours: Optional[Spread], ref: Optional[Spread]) -> str:
     return "≈"
 
 
-def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]], *, steps: int,
-                       seeds: Sequence[int], command: Optional[str] = None) -> str:
-    """Markdown: title, what "ours" means, the table (paper columns, then ours), the notes.
+@dataclass(frozen=True)
+class Paired:
+    """Paired difference arm - compared arm over the seeds both ran."""
 
-    ``results`` maps an arm name to the metric dicts of its finished seeds (missing arm: "not run").
+    mean: float
+    low: float
+    high: float
+    n: int
+    verdict: str
+    """"lower" / "higher" when every seed agrees on the sign (n >= 2), "≈" otherwise, "n/a" for n < 2."""
+
+
+def paired(ours: Sequence[dict], ref: Sequence[dict], key: str) -> Optional[Paired]:
+    """The paired difference of metric ``key`` between two arms' per-run dicts (matched on ``seed``);
+    None when no seed has the metric in both."""
+    def by_seed(rows):
+        return {r["seed"]: _finite(r.get(key)) for r in rows if "seed" in r and _finite(r.get(key)) is not None}
+
+    a, b = by_seed(ours), by_seed(ref)
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    if len(diffs) < 2:
+        verdict = "n/a"
+    elif all(d < 0 for d in diffs):
+        verdict = "lower"
+    elif all(d > 0 for d in diffs):
+        verdict = "higher"
+    else:
+        verdict = "≈"
+    return Paired(sum(diffs) / len(diffs), min(diffs), max(diffs), len(diffs), verdict)
+
+
+def format_paired(label: str, diff: Optional[Paired], unpaired: str, spec: str, multiplier: float = 1.0) -> str:
+    """``label +mean [+min, +max] verdict``; without seed pairs ``label verdict`` of the range rule."""
+    if diff is None:
+        return f"{label} {unpaired}"
+    text = f"{label} {format(diff.mean * multiplier, '+' + spec)}"
+    if diff.n > 1:
+        text += f" [{format(diff.low * multiplier, '+' + spec)}, {format(diff.high * multiplier, '+' + spec)}]"
+    return f"{text} {diff.verdict}"
+
+
+def format_floor(s: Optional[Spread], spec: str) -> str:
+    """A floor cell: one value when every seed gives the same (the random floor), else mean [min, max]."""
+    if s is not None and s.low == s.high:
+        return format(s.mean, spec)
+    return format_spread(s, spec)
+
+
+def format_wall(rows: Sequence[dict]) -> Optional[str]:
+    """The wall-time line of a table from the runs' DONE markers (None when no run recorded one)."""
+    walls = [r["wall_s"] for r in rows if isinstance(r.get("wall_s"), (int, float))]
+    if not walls:
+        return None
+    loads = [x for r in rows for x in (r.get("load_avg_1min") or []) if isinstance(x, (int, float))]
+    shared = sum(bool(r.get("shared")) for r in rows)
+    per_run = f"{min(walls):.0f}" if len(walls) == 1 else f"{min(walls):.0f}-{max(walls):.0f}"
+    text = (f"{len(walls)} run(s), {sum(walls) / 60:.1f} min in total, {per_run} s per run"
+            + (f" ({shared} of them run for another suite and reused here)" if shared else ""))
+    if loads:
+        text += f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} at their starts and ends"
+    return text
+
+
+def suite_floors(suite: Suite) -> list[str]:
+    """The FLOORS keys of a suite's balance columns (the floors of the MaxVio metrics it reports)."""
+    return [key for key, (_, _, metric) in FLOORS.items() if metric in suite.metrics]
+
+
+def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]], *, steps: int,
+                       seeds: Sequence[int], command: Optional[str] = None, wall: Optional[str] = None) -> str:
+    """Markdown: title, how to read it, the table (paper columns, ours, floors, paired difference), notes.
+
+    ``results`` maps an arm name to the metric dicts of its finished seeds (each with its ``seed``;
+    missing arm: "not run"); the floor keys (FLOORS) are read from the same dicts.
     """
-    spreads = {arm.name: {key: spread([r.get(key) for r in results.get(arm.name, [])]) for key in METRICS}
-               for arm in suite.arms}
+    floor_keys = suite_floors(suite)
+    spreads = {arm.name: {key: spread([r.get(key) for r in results.get(arm.name, [])])
+                          for key in [*METRICS, *FLOORS]} for arm in suite.arms}
     seed_text = ", ".join(str(s) for s in seeds)
     lines = [f"## {suite.name}: {suite.title}", ""]
     if command:
         lines.append(f"- command: `{command}`")
+    if wall:
+        lines.append(f"- wall time: {wall}")
     lines += [
-        f"- scale: {scale.name} (preset {scale.preset}{', shrunk as the notes say' if scale.flags else ''}), "
-        f"{steps} steps, {len(seeds)} seed(s) per arm "
-        f"({seed_text})",
-        "- ours: mean [min, max] over seeds; the last column calls a difference from the compared arm "
-        "(\"lower\"/\"higher\") only when the seed ranges do not overlap, \"≈\" when they do"
+        f"- scale: {scale.name} (preset {scale.preset}{', with the overrides the notes describe' if scale.flags else ''}), "
+        f"{steps} steps, {len(seeds)} seed(s) per arm ({seed_text}), the same seeds for every arm",
+        "- ours: mean [min, max] over seeds. Last column: the paired difference arm - compared arm, seed by "
+        "seed, mean [min, max]; \"lower\"/\"higher\" only when every seed agrees on its sign, \"≈\" otherwise"
         + (", n/a with one seed" if len(seeds) < 2 else ""),
-        f"- paper: {suite.source}",
-        "",
     ]
+    if floor_keys:
+        lines.append("- floors: random = the MaxVio of a router choosing K experts uniformly at random over the "
+                     "same tokens (seeded Monte-Carlo, ablation/floors.py); oracle = the best single bias "
+                     "solved on the validation set's own scores (n/a: the run wrote no valid_routing.pt)")
+    lines += [f"- paper: {suite.source}", ""]
     ours = [METRICS[key][0] for key in suite.metrics]
-    lines.append("| " + " | ".join(["arm", "flags", *suite.paper_columns, *ours, "vs compared arm"]) + " |")
-    lines.append("|" + "---|" * (2 + len(suite.paper_columns)) + "---:|" * len(ours) + "---|")
+    floor_labels = [FLOORS[key][0] for key in floor_keys]
+    lines.append("| " + " | ".join(["arm", "flags", *suite.paper_columns, *ours, *floor_labels,
+                                    "paired difference vs compared arm"]) + " |")
+    lines.append("|" + "---|" * (2 + len(suite.paper_columns)) + "---:|" * (len(ours) + len(floor_labels)) + "---|")
     for arm in suite.arms:
         done = results.get(arm.name, [])
         if done:
             cells = [format_spread(spreads[arm.name][key], METRICS[key][1], METRICS[key][2])
                      for key in suite.metrics]
+            cells += [format_floor(spreads[arm.name][key], FLOORS[key][1]) for key in floor_keys]
             if len(done) < len(seeds):
                 cells[0] += f" (n={len(done)})"
         else:
-            cells = ["not run"] * len(suite.metrics)
+            cells = ["not run"] * (len(suite.metrics) + len(floor_keys))
         versus = arm.versus or suite.baseline
         if arm.name == versus:
             verdict = "baseline"
         else:
-            verdict = f"vs {versus}: " + ", ".join(
-                f"{METRICS[key][0]} {judge(spreads[arm.name][key], spreads[versus][key])}" for key in suite.compare)
+            verdict = f"vs {versus}: " + "; ".join(
+                format_paired(METRICS[key][0], paired(done, results.get(versus, []), key),
+                              judge(spreads[arm.name][key], spreads[versus][key]), METRICS[key][1], METRICS[key][2])
+                for key in suite.compare)
         paper = list(arm.paper) + ["n/a"] * (len(suite.paper_columns) - len(arm.paper))
         lines.append("| " + " | ".join([arm.name, f"`{' '.join(arm.flags)}`", *paper, *cells, verdict]) + " |")
     notes = list(suite.notes) + list(scale.notes)

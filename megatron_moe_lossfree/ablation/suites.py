@@ -69,6 +69,12 @@ class Scale:
     micro_batch_sizes: tuple[int, ...]
     """Computation batch sizes of lfb-batch (LFB Fig. 5); each divides the global batch."""
     notes: tuple[str, ...] = ()
+    threads: Optional[int] = None
+    """OMP_NUM_THREADS of every run (None: the environment's; ``--threads`` overrides). Not part of a run's
+    configuration."""
+    two_rank_flags: tuple[str, ...] = ()
+    """Flags of the arms that run on 2 ranks (v2-drop, EP = 2): each rank holds half the global batch, so
+    a micro-batch as large as the global batch must shrink."""
 
 
 # The tiny scale is the tiny-cpu preset made cheaper for many runs: hidden 64 instead of 128 (about 4x
@@ -86,6 +92,20 @@ _TINY_FLAGS = (
     "--log-interval", "5", "--eval-interval", "50", "--eval-iters", "4",
 )
 
+# The small scale (issue 18; evidence in docs/ablations/README.md): tiny-cpu's layout at hidden 64 on a
+# byte-level vocabulary, 800 steps so that u = 1e-3 settles. vocab 257 = 256 bytes + EOD: the embedded
+# corpus's BPE trained to 257 entries has no merges (the step costs 1.8x less than with vocab 4096 at
+# hidden 128, and the same text gives 3.7x more tokens: 800 steps read 0.6 of an epoch).
+_SMALL_FLAGS = (
+    "--hidden-size", "64", "--ffn-hidden-size", "256",  # 4 layers (3 MoE), 4 heads: tiny-cpu's
+    "--moe-ffn-hidden-size", "64", "--moe-shared-expert-intermediate-size", "64",  # 16 experts top-2 + shared
+    "--vocab-size", "257",                              # byte-level
+    "--micro-batch-size", "32", "--global-batch-size", "32",  # 4,096 tokens per step in one micro-batch
+    "--train-iters", "800", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "40",
+    "--log-interval", "10", "--eval-interval", "80", "--eval-iters", "4",  # an evaluation at 80% of the steps
+    "--lossfree-update-rate", "1e-3",                   # the paper's u (arms that set a rate override it)
+)
+
 SCALES: dict[str, Scale] = {
     "tiny": Scale(
         name="tiny", preset="tiny-cpu", flags=_TINY_FLAGS, seeds=3, train_iters=200, lr_warmup_iters=10,
@@ -96,6 +116,14 @@ SCALES: dict[str, Scale] = {
                "v2-drop, v3-seqaux): in 200 steps a 1e-3 sign update moves a bias by at most 0.2, too little "
                "to undo the early router collapse (the tiny-cpu preset's reason, README). Rate sweeps "
                "(lfb-rate, lfb-rule, lfb-bias-kind) use the paper's rates.")),
+    "small": Scale(
+        name="small", preset="tiny-cpu", flags=_SMALL_FLAGS, seeds=3, train_iters=800, lr_warmup_iters=40,
+        save_interval=100, lossfree_rate="1e-3", micro_batch_sizes=(4, 8, 16, 32), threads=1,
+        two_rank_flags=("--micro-batch-size", "16"),
+        notes=("small scale: tiny-cpu preset with hidden 64, 4 layers (3 MoE), 16 experts top-2 plus a shared "
+               "expert, byte-level vocabulary (257), seq 128, batch 32 x 128 = 4,096 tokens, 800 steps, cosine "
+               "lr 2e-3 -> 2e-4, embedded corpus; CPU, one thread per run process (--threads).",
+               "small scale uses the paper's u = 1e-3 everywhere the paper does.")),
     "paper-1b": Scale(
         name="paper-1b", preset="paper-1b", flags=("--eval-interval", "1000", "--eval-iters", "16"), seeds=1,
         train_iters=40000, lr_warmup_iters=1000, save_interval=1000, lossfree_rate="1e-3",
@@ -217,7 +245,7 @@ def lfb_batch(scale: Scale) -> Suite:
 
 
 def v2_drop(scale: Scale) -> Suite:
-    ep = ("--expert-model-parallel-size", "2")
+    ep = ("--expert-model-parallel-size", "2") + scale.two_rank_flags
     device = ("--lossfree-drop", "device", "--lossfree-capacity-factor", "1.0")
     arms = (Arm("drop-free", ep + ("--lossfree-drop", "none"), paper=(NA,), ranks=2),
             Arm("device-cf1-exempt0.1", ep + device + ("--lossfree-exempt-fraction", "0.1"), paper=(NA,), ranks=2),
@@ -232,6 +260,36 @@ def v2_drop(scale: Scale) -> Suite:
         compare=("final_ppl", "drop_tail"),
         notes=("2 ranks, EP = 2 (device dropping needs EP > 1); balancing is the preset's (bias, sign) so "
                "the arms differ in dropping only; nothing is dropped at evaluation.",))
+
+
+QUANTILE_FLAGS = ("--lossfree-update-rule", "--lossfree-quantile-estimator", "--lossfree-quantile-ema")
+"""The quantile-balancing flags the qb suite needs from mlf-pretrain (REFERENCE 10)."""
+
+
+def quantile(estimator: str, ema: Optional[str] = None, space: Optional[str] = None) -> tuple[str, ...]:
+    """Quantile balancing (REFERENCE 10): the bias solved each step to balance the batch, then centred."""
+    flags = ("--lossfree-balancing", "bias", "--lossfree-update-rule", "quantile",
+             "--lossfree-quantile-estimator", estimator)
+    flags += ("--lossfree-quantile-ema", ema) if ema else ()
+    return flags + (("--lossfree-quantile-space", space) if space else ())
+
+
+def qb(scale: Scale) -> Suite:
+    u = scale.lossfree_rate
+    return Suite(
+        name="qb", title="Quantile balancing (QB) vs the sign step",
+        source="Kimi K3 report section 2.3.3 and appendix D; Su, MoE Odyssey 6 (kexue.fm 11619); "
+               "Megatron-Core 0.19 quantile_balancing (no published ablation numbers in REFERENCE 10)",
+        baseline=f"bias-sign-u{u}", paper_columns=("paper",),
+        arms=(Arm(f"bias-sign-u{u}", loss_free("sign", u), paper=(NA,)),
+              Arm("qb-exact", quantile("exact"), paper=(NA,)),
+              Arm("qb-histogram", quantile("histogram", space="scores"), paper=(NA,)),
+              Arm("qb-exact-ema0.9", quantile("exact", ema="0.9"), paper=(NA,)),
+              Arm("aux-a1e-3", loss_controlled("1e-3"), paper=(NA,))),
+        notes=("qb-exact: Megatron-Core 0.19's estimator on router logits, EMA 0 (the bias is replaced each "
+               "step); qb-histogram: Kimi K3's estimator on sigmoid scores (1000 bins, margin 1 covers score "
+               "space exactly); qb-exact-ema0.9 keeps 90% of the old bias each step.",
+               "the sign arm is lfb-main's loss-free arm and the aux arm lfb-main's baseline (shared runs)."))
 
 
 def v3_seqaux(scale: Scale) -> Suite:
@@ -252,8 +310,10 @@ def v3_seqaux(scale: Scale) -> Suite:
 SUITES: dict[str, Callable[[Scale], Suite]] = {
     "lfb-main": lfb_main, "lfb-alpha": lfb_alpha, "lfb-rate": lfb_rate, "lfb-rule": lfb_rule,
     "lfb-bias-kind": lfb_bias_kind, "lfb-softmax": lfb_softmax, "lfb-batch": lfb_batch, "v2-drop": v2_drop,
-    "v3-seqaux": v3_seqaux,
+    "v3-seqaux": v3_seqaux, "qb": qb,
 }
+ALL = "all"
+"""``--suite all``: every suite of SUITES, in this order, sharing runs with identical configurations."""
 
 
 def get_scale(name: str) -> Scale:
@@ -264,5 +324,10 @@ def get_scale(name: str) -> Scale:
 
 def get_suite(name: str, scale: Scale) -> Suite:
     if name not in SUITES:
-        raise LossFreeConfigError(f"--suite ({name}) is unknown: use one of {', '.join(SUITES)}")
+        raise LossFreeConfigError(f"--suite ({name}) is unknown: use one of {', '.join(SUITES)}, or {ALL}")
     return SUITES[name](scale)
+
+
+def get_suites(name: str, scale: Scale) -> list[Suite]:
+    """The suites ``--suite NAME`` means: one, or every suite for ``all``."""
+    return [build(scale) for build in SUITES.values()] if name == ALL else [get_suite(name, scale)]

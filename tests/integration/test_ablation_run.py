@@ -2,8 +2,10 @@
 
 Arms that differ from another arm only in a non-zero number (a rate, alpha, micro-batch size) share a
 code path, so one of each such family trains here (the unit tests parse every arm; lfb-rate adds no new
-family). v2-drop's arms run on two gloo ranks with EP = 2. Then: a finished run is skipped on rerun, and
-an unfinished run resumes from its checkpoint. About 4 minutes on 2 busy cores.
+family). v2-drop's arms run on two gloo ranks with EP = 2; qb's arms only once mlf-pretrain has the
+quantile flags. Then: a finished run is skipped on rerun, an unfinished run resumes from its checkpoint,
+another suite reuses it instead of rerunning it, and mlf-report draws the scatter of the runs. About 5
+minutes on 2 busy cores.
 """
 
 import json
@@ -12,10 +14,12 @@ import re
 
 import pytest
 
-from megatron_moe_lossfree.ablation.suites import SCALES, SUITES
-from megatron_moe_lossfree.cli import ablate_main
+from megatron_moe_lossfree.ablation.suites import QUANTILE_FLAGS, SCALES, SUITES
+from megatron_moe_lossfree.cli import ablate_main, report_main
+from megatron_moe_lossfree.training.arguments import build_parser
 
 pytestmark = pytest.mark.slow
+MISSING_QB = [f for f in QUANTILE_FLAGS if f not in build_parser()._option_string_actions]
 
 SHRINK = ("--extra-args=--num-layers 2 --hidden-size 32 --num-attention-heads 2 --ffn-hidden-size 64 "
           "--moe-ffn-hidden-size 32 --moe-shared-expert-intermediate-size 32 --num-experts 8 --seq-length 32 "
@@ -52,40 +56,48 @@ def test_distinct_arms_cover_every_suite():
     chosen = distinct_arms()
     # lfb-rate's arms have lfb-main's loss-free shape (sign rule, a non-zero rate): nothing new to train.
     assert set(chosen) == set(SUITES) - {"lfb-rate"}
-    assert sum(map(len, chosen.values())) == 15
+    assert sum(map(len, chosen.values())) == 18
     assert chosen["v2-drop"] == ["drop-free", "device-cf1-exempt0.1", "device-cf1-exempt0", "expert-cf1"]
+    assert chosen["qb"] == ["qb-exact", "qb-histogram", "qb-exact-ema0.9"]
     assert "aux-a0" in chosen["lfb-alpha"]
 
 
 @pytest.mark.parametrize("suite", sorted(distinct_arms()))
 def test_every_distinct_arm_trains_two_steps(suite, tmp_path, capsys):
+    if suite == "qb" and MISSING_QB:
+        pytest.skip(f"mlf-pretrain has no {', '.join(MISSING_QB)} yet")
     arms = distinct_arms()[suite]
-    assert ablate(suite, tmp_path, "--arms", ",".join(arms)) == 0, capsys.readouterr().err[-3000:]
+    out_dir = tmp_path / suite  # its own parent: no run of another test is reused
+    assert ablate(suite, out_dir, "--arms", ",".join(arms)) == 0, capsys.readouterr().err[-3000:]
     out = capsys.readouterr().out
-    results = json.load(open(tmp_path / "results.json"))
+    results = json.load(open(out_dir / "results.json"))
     assert [r["arm"] for r in results["runs"]] == arms
     for run in results["runs"]:
         assert run["steps"] == 2 and run["final_ppl"] is not None and run["maxvio_global"] is not None
         assert os.path.isfile(os.path.join(run["run_dir"], "DONE"))
         assert os.path.isfile(os.path.join(run["run_dir"], "ckpt", "latest_checkpointed_iteration.txt"))
-    table = (tmp_path / f"{suite}.md").read_text()
-    assert ", 2 steps, 1 seed(s) per arm (1)" in table and table in out
+        # --eval-iters 1: one evaluation counts as many tokens as one global batch, so the floors agree.
+        assert run["floor_random_global"] == run["floor_random_batch"] > 0 and run["floor_oracle_global"] is None
+    table = (out_dir / f"{suite}.md").read_text()
+    assert ", 2 steps, 1 seed(s) per arm (1), the same seeds for every arm" in table and table in out
+    assert "| MaxVio_global floor: random | MaxVio_global floor: oracle |" in table
     assert all(f"| {arm} | `" in table for arm in arms)
-    assert {"maxvio_batch.png", "loss.png", "summary.md"} <= set(os.listdir(tmp_path / "report"))
+    assert {"maxvio_batch.png", "loss.png", "summary.md"} <= set(os.listdir(out_dir / "report"))
     if suite == "v2-drop":
         drops = {r["arm"]: r["drop_tail"] for r in results["runs"]}
         assert drops["drop-free"] == 0.0
 
 
-def test_rerun_skips_finished_runs_and_an_unfinished_run_resumes(tmp_path, capsys):
-    assert ablate("lfb-main", tmp_path, "--arms", "aux-a1e-3") == 0
+def test_rerun_skips_finished_runs_an_unfinished_run_resumes_and_another_suite_reuses_it(tmp_path, capsys):
+    main_dir = tmp_path / "lfb-main"
+    assert ablate("lfb-main", main_dir, "--arms", "aux-a1e-3") == 0
     capsys.readouterr()
-    assert ablate("lfb-main", tmp_path, "--arms", "aux-a1e-3") == 0
+    assert ablate("lfb-main", main_dir, "--arms", "aux-a1e-3") == 0
     assert "arm 1/1 aux-a1e-3 seed 1: finished before (DONE in " in capsys.readouterr().out
     # An interrupted 3-step run: its checkpoint is at step 2 and it has no DONE marker.
-    run_dir = tmp_path / "aux-a1e-3" / "seed1"
+    run_dir = main_dir / "aux-a1e-3" / "seed1"
     os.remove(run_dir / "DONE")
-    assert ablate_main(["--suite", "lfb-main", "--out", str(tmp_path), "--steps", "3", "--seeds", "1",
+    assert ablate_main(["--suite", "lfb-main", "--out", str(main_dir), "--steps", "3", "--seeds", "1",
                         "--no-progress", SHRINK, "--arms", "aux-a1e-3"]) == 0
     assert "arm 1/1 aux-a1e-3 seed 1: resuming from step 2 (1 process)" in capsys.readouterr().out
     second = (run_dir / "train.log").read_text().split("\n$ ")[-1]
@@ -93,3 +105,15 @@ def test_rerun_skips_finished_runs_and_an_unfinished_run_resumes(tmp_path, capsy
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2, 3]
+    # lfb-alpha's alpha = 1e-3 arm is that run: reused, not rerun; its table reads the same run.
+    capsys.readouterr()
+    assert ablate_main(["--suite", "lfb-alpha", "--out", str(tmp_path / "lfb-alpha"), "--steps", "3", "--seeds", "1",
+                        "--no-progress", SHRINK, "--arms", "aux-a1e-3"]) == 0
+    assert (f"arm 1/1 aux-a1e-3 seed 1: same configuration as lfb-main/aux-a1e-3 seed 1, reusing {run_dir}"
+            in capsys.readouterr().out)
+    assert not (tmp_path / "lfb-alpha" / "aux-a1e-3").exists()
+    shared = json.load(open(tmp_path / "lfb-alpha" / "results.json"))["runs"]
+    assert [(r["run_dir"], r["shared"], r["steps"]) for r in shared] == [(str(run_dir), True, 3)]
+    # The picture of every run under the root.
+    assert report_main(["--scatter", str(tmp_path), "--out", str(tmp_path / "pic")]) == 0
+    assert "| lfb-main/aux-a1e-3 | 1 |" in (tmp_path / "pic" / "scatter.md").read_text()

@@ -172,3 +172,94 @@ def test_cli_default_out_and_stdout(runs, capsys):
 def test_cli_errors_one_line(runs, tmp_path, capsys, make_args, message):
     assert report_main(make_args(runs[0], tmp_path)) == 2
     assert capsys.readouterr().err == f"error: {message.format(tmp=tmp_path)}\n"
+
+
+# ----------------------------------------------------------------------------- the ablation scatter
+
+
+def write_ablation_run(root, suite, arm, seed, ppl, maxvio, done=True, dump=False):
+    run_dir = os.path.join(root, suite, arm, f"seed{seed}")
+    write_rows(run_dir, [{"kind": "train", "step": 10, "loss": 3.0, "maxvio_batch": 1.0},
+                         {"kind": "valid", "step": 10, "loss": math.log(ppl), "ppl": ppl, "maxvio_global": maxvio}])
+    os.makedirs(os.path.join(run_dir, "ckpt"))
+    if done:
+        with open(os.path.join(run_dir, "DONE"), "w") as f:
+            json.dump({"arm": arm, "seed": seed, "config_flags": ["--preset", "tiny-cpu", "--seed", str(seed)]}, f)
+    if dump:  # a collapsed layer the oracle bias balances exactly (test_ablation_floors.skewed_scores)
+        import torch
+
+        from megatron_moe_lossfree.ablation.floors import VALID_ROUTING, VALID_ROUTING_FORMAT
+
+        scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]] * 8, dtype=torch.float64)
+        for t in range(8):
+            scores[t, t % 4] += 0.01 * t
+        torch.save({"format": VALID_ROUTING_FORMAT, "step": 10, "topk": 1, "layers": [2], "scores": [scores]},
+                   os.path.join(run_dir, VALID_ROUTING))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def ablation_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ablate"))
+    write_ablation_run(root, "lfb-main", "aux", 1, 12.0, 2.0)
+    write_ablation_run(root, "lfb-main", "aux", 2, 14.0, 3.0)
+    write_ablation_run(root, "lfb-main", "bias", 1, 11.0, 0.25, dump=True)
+    write_ablation_run(root, "lfb-main", "bias", 2, 13.0, 0.75)
+    write_ablation_run(root, "qb", "qb-exact", 1, 12.5, 0.0625)
+    write_ablation_run(root, "qb", "qb-exact", 2, 99.0, 9.0, done=False)  # unfinished: left out
+    os.makedirs(os.path.join(root, "lfb-main", "report"))
+    return root
+
+
+def test_scatter_points_means_and_floors_exact(ablation_root):
+    from megatron_moe_lossfree.ablation.floors import random_floor
+    from megatron_moe_lossfree.ablation.scatter import arm_means, collect_points, find_runs, floor_lines, format_points
+
+    runs = find_runs(ablation_root)
+    assert [os.path.relpath(r, ablation_root) for r in runs] == [
+        "lfb-main/aux/seed1", "lfb-main/aux/seed2", "lfb-main/bias/seed1", "lfb-main/bias/seed2", "qb/qb-exact/seed1"]
+    points = collect_points(runs, ablation_root)
+    assert [(p.group, p.seed, p.ppl, p.maxvio_global, p.floor_oracle) for p in points] == [
+        ("lfb-main/aux", 1, 12.0, 2.0, None), ("lfb-main/aux", 2, 14.0, 3.0, None),
+        ("lfb-main/bias", 1, 11.0, 0.25, 0.0), ("lfb-main/bias", 2, 13.0, 0.75, None),
+        ("qb/qb-exact", 1, 12.5, 0.0625, None)]
+    # tiny-cpu: 16 experts top-2, an evaluation of 4 x 16 x 128 tokens.
+    floor = random_floor(16, 2, 4 * 16 * 128)
+    assert all(p.floor_random == floor for p in points)
+    assert arm_means(points) == {"lfb-main/aux": (2.5, 13.0, 2), "lfb-main/bias": (0.5, 12.0, 2),
+                                 "qb/qb-exact": (0.0625, 12.5, 1)}
+    lines = floor_lines(points)
+    assert lines["oracle bias"] == (0.0, 0.0, 0.0) and lines["random router"][1:] == (floor, floor)
+    assert lines["random router"][0] == pytest.approx(floor, rel=1e-12)  # a mean of 5 equal floats
+    assert format_points(points) == (
+        "| arm | runs | MaxVio_global (mean) | val PPL (mean) |\n|---|---:|---:|---:|\n"
+        "| lfb-main/bias | 2 | 0.500 | 12.000 |\n| qb/qb-exact | 1 | 0.062 | 12.500 |\n"
+        "| lfb-main/aux | 2 | 2.500 | 13.000 |\n"
+        f"\nfloor, random router: MaxVio_global {floor:.4f} (min {floor:.4f}, max {floor:.4f})\n"
+        "\nfloor, oracle bias: MaxVio_global 0.0000 (min 0.0000, max 0.0000)\n")
+
+
+def test_cli_scatter_writes_png_and_table(ablation_root, tmp_path, capsys):
+    out = str(tmp_path / "pic")
+    assert report_main(["--scatter", ablation_root, "--out", out]) == 0
+    assert capsys.readouterr().out == f"wrote {out}/scatter.png, {out}/scatter.md\n"
+    with open(os.path.join(out, "scatter.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "scatter.md")) as f:
+        assert f.read().startswith("# Validation perplexity vs MaxVio_global, every run\n\n| arm | runs |")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report_main(["--scatter", str(empty)]) == 2
+    assert capsys.readouterr().err == (f"error: --scatter ({empty}) holds no finished run with a validation perplexity "
+                                       f"and MaxVio_global: pass mlf-ablate's --out after runs finished\n")
+
+
+def test_scatter_reads_the_last_validation_row_of_a_resumed_run(tmp_path):
+    from megatron_moe_lossfree.ablation.scatter import final_validation
+
+    rows = [{"kind": "valid", "step": 10, "ppl": 9.0}, {"kind": "valid", "step": 20, "ppl": 8.0},
+            {"kind": "train", "step": 30, "loss": 1.0}, {"kind": "valid", "step": 20, "ppl": 7.5}]
+    write_rows(str(tmp_path), rows, trailer='{"kind": "valid", "st')  # a resumed run, then a killed one
+    assert final_validation(str(tmp_path)) == {"kind": "valid", "step": 20, "ppl": 7.5}
+    write_rows(str(tmp_path / "none"), [{"kind": "train", "step": 1, "loss": 2.0}])
+    assert final_validation(str(tmp_path / "none")) == {}
