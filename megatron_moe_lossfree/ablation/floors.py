@@ -9,8 +9,8 @@
   of that sum (stated in ``Floor.method``).
 - The **oracle floor**: the lowest MaxVio_global that ONE per-expert bias reaches on the validation
   set's own routing scores (``oracle_floor``), found by iterating the quantile solve (REFERENCE 10,
-  Kimi K3 Eq. 14; ``balancing_bias_E``) on the whole validation set. No bias learned on training batches can do better on the
-  same scores. It needs the validation scores, which a run writes to ``valid_routing.pt``
+  Kimi K3 Eq. 14; ``balancing_bias_E``) on the whole validation set. No bias learned on training batches
+  can do better on the same scores. It needs the validation scores, which a run writes to ``valid_routing.pt``
   (``VALID_ROUTING``; format in ``load_valid_routing``).
 
 Pure numpy/torch, no Megatron import, no communication. Shape suffixes: T tokens, E experts, K top-k,

@@ -207,7 +207,8 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
     if wall:
         lines.append(f"- wall time: {wall}")
     lines += [
-        f"- scale: {scale.name} (preset {scale.preset}{', with the overrides the notes describe' if scale.flags else ''}), "
+        f"- scale: {scale.name} (preset {scale.preset}"
+        f"{', with the overrides the notes describe' if scale.flags else ''}), "
         f"{steps} steps, {len(seeds)} seed(s) per arm ({seed_text}), the same seeds for every arm",
         "- ours: mean [min, max] over seeds. Last column: the paired difference arm - compared arm, seed by "
         "seed, mean [min, max]; \"lower\"/\"higher\" only when every seed agrees on its sign, \"≈\" otherwise"

@@ -472,9 +472,9 @@ def main(argv: Sequence[str]) -> dict:
             failed += run_all(p.jobs, bar=bar)
             tables[p.suite.name] = write_outputs(p.suite, scale, p.jobs, p.out, steps=steps, seeds=seeds,
                                                  command=command)
-            print(tables[p.suite.name], end="")
-            print(f"wrote {os.path.join(p.out, p.suite.name + '.md')}, {os.path.join(p.out, 'report')}/ and "
-                  f"{os.path.join(p.out, 'results.json')} ({time.time() - start:.0f} s so far)", flush=True)
+            _say(tables[p.suite.name].rstrip("\n"))  # above the bar, which stays open for the next suite
+            _say(f"wrote {os.path.join(p.out, p.suite.name + '.md')}, {os.path.join(p.out, 'report')}/ and "
+                 f"{os.path.join(p.out, 'results.json')} ({time.time() - start:.0f} s so far)")
     finally:
         bar.close()
     if args.suite == ALL:

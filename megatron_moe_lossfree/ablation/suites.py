@@ -112,7 +112,7 @@ SCALES: dict[str, Scale] = {
         save_interval=50, lossfree_rate="1e-2", micro_batch_sizes=(2, 4, 8, 16),
         notes=("tiny scale: tiny-cpu preset with hidden 64, 4 layers (3 MoE), 16 experts top-2 plus a shared "
                "expert, seq 128, batch 16 x 128 tokens, 200 steps, embedded corpus; CPU.",
-               "tiny scale uses u = 1e-2 where the paper uses u = 1e-3 (lfb-main, lfb-softmax, lfb-batch, "
+               "tiny scale uses u = 1e-2 where the paper uses u = 1e-3 (lfb-main, lfb-softmax, lfb-batch, qb, "
                "v2-drop, v3-seqaux): in 200 steps a 1e-3 sign update moves a bias by at most 0.2, too little "
                "to undo the early router collapse (the tiny-cpu preset's reason, README). Rate sweeps "
                "(lfb-rate, lfb-rule, lfb-bias-kind) use the paper's rates.")),

@@ -260,7 +260,8 @@ def test_paired_difference_calls_only_when_every_seed_agrees():
     # Only seeds both arms ran are paired; one pair calls nothing; no pair (or no seeds): None.
     assert paired([{"seed": 3, "m": 31.0}, {"seed": 9, "m": 0.0}], ref, "m") == Paired(1.0, 1.0, 1.0, 1, "n/a")
     assert paired([{"m": 1.0}], ref, "m") is None and paired(lower, [{"seed": 1, "m": None}], "m") is None
-    assert format_paired("val PPL", Paired(-1.25, -2.0, -0.5, 3, "lower"), "≈", ".1f") == "val PPL -1.2 [-2.0, -0.5] lower"
+    assert (format_paired("val PPL", Paired(-1.25, -2.0, -0.5, 3, "lower"), "≈", ".1f")
+            == "val PPL -1.2 [-2.0, -0.5] lower")
     assert format_paired("drop %", Paired(0.01, 0.01, 0.01, 1, "n/a"), "n/a", ".2f", 100.0) == "drop % +1.00 n/a"
     assert format_paired("val PPL", None, "lower", ".1f") == "val PPL lower"
 
@@ -364,7 +365,8 @@ def test_small_scale_uses_the_papers_u_and_one_thread():
     args = parse_args(runner.plan(main, SMALL, "o", seeds=[1])[1].flags)
     assert (args.vocab_size, args.global_batch_size * args.seq_length, args.train_iters) == (257, 4096, 800)
     assert (args.lossfree.update_rule, args.lossfree.update_rate) == ("sign", 1e-3)
-    assert runner.plan(main, SMALL, "o", seeds=[1])[0].threads == 1 and runner.plan(main, TINY, "o", seeds=[1])[0].threads is None
+    assert runner.plan(main, SMALL, "o", seeds=[1])[0].threads == 1
+    assert runner.plan(main, TINY, "o", seeds=[1])[0].threads is None
     # v2-drop's EP = 2 arms hold half the global batch per rank: the small scale's micro-batch of 32 halves.
     drop = parse_args(runner.plan(get_suite("v2-drop", SMALL), SMALL, "o", seeds=[1])[0].flags)
     assert (drop.expert_model_parallel_size, drop.micro_batch_size, drop.global_batch_size) == (2, 16, 32)
@@ -388,18 +390,20 @@ def test_suite_all_plans_every_suite_and_shares_identical_runs(tmp_path, capsys)
     result = runner.main(["--suite", "all", "--scale", "small", "--out", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out.splitlines()
     heads = [line for line in out if not line.startswith("arm ")]
-    assert heads[1] == (f"lfb-alpha (LFB section 2: the loss-controlled dilemma (alpha sweep)) at scale small: 4 arm(s) "
-                        f"x 3 seed(s) = 12 run(s), 800 steps each, in {tmp_path}/lfb-alpha (3 shared with other "
-                        f"suites' runs)")
+    assert heads[1] == (f"lfb-alpha (LFB section 2: the loss-controlled dilemma (alpha sweep)) at scale small: "
+                        f"4 arm(s) x 3 seed(s) = 12 run(s), 800 steps each, in {tmp_path}/lfb-alpha "
+                        f"(3 shared with other suites' runs)")
     reuse = [line.split(": ")[0] for line in out if "[reuses" in line]
     assert "arm 4/9 bias-sign-u1e-3 seed 1 [reuses lfb-main/bias-sign-u1e-3 seed 1]" in reuse
     assert "arm 1/12 bias-add-u1e-3 seed 1 [reuses lfb-main/bias-sign-u1e-3 seed 1]" in reuse
     assert "arm 19/24 aux-a1e-3-mbs32 seed 1 [reuses lfb-main/aux-a1e-3 seed 1]" in reuse
     if MISSING_QB:
         assert heads[-2].startswith("qb: skipped, its runs do not parse: arm qb-exact seed 1: ")
-        assert heads[-1] == "105 run(s) in 9 suite(s): 78 distinct configuration(s), 0 finished, 62400 training steps to go"
+        assert heads[-1] == ("105 run(s) in 9 suite(s): 78 distinct configuration(s), 0 finished, "
+                             "62400 training steps to go")
     else:
-        assert heads[-1] == "120 run(s) in 10 suite(s): 87 distinct configuration(s), 0 finished, 69600 training steps to go"
+        assert heads[-1] == ("120 run(s) in 10 suite(s): 87 distinct configuration(s), 0 finished, "
+                             "69600 training steps to go")
     jobs = result["jobs"]
     assert len(reuse) == sum(job.shared for job in jobs) and all(job.run_dir.startswith(str(tmp_path)) for job in jobs)
 
