@@ -144,18 +144,33 @@ def select_experts(
     Returns:
         (gates_TK in the dtype of ``scores``, experts_TK int64).
     """
-    scores_TE = scores
-    _check_select_args(scores_TE, bias, topk, bias_kind, route_limit, num_groups, max_groups)
+    experts_TK = choose_experts(scores, bias, topk, bias_kind=bias_kind, route_limit=route_limit,
+                                num_groups=num_groups, max_groups=max_groups)
+    gates_TK = gate_selected(scores, experts_TK, normalize=normalize, scaling_factor=scaling_factor)
+    return gates_TK, experts_TK
+
+
+def choose_experts(
+    scores: torch.Tensor,
+    bias: torch.Tensor | None,
+    topk: int,
+    *,
+    bias_kind: str = "additive",
+    route_limit: str = "none",
+    num_groups: int | None = None,
+    max_groups: int | None = None,
+) -> torch.Tensor:
+    """Phases 1-3 of ``select_experts``: experts_TK (int64) of the biased, optionally group-limited top-K,
+    without gates (for a caller that gates the choice itself, as the Megatron router does)."""
+    _check_select_args(scores, bias, topk, bias_kind, route_limit, num_groups, max_groups)
     with torch.no_grad():
-        select_TE = scores_TE.detach().float()
+        select_TE = scores.detach().float()
         if bias is not None:
             select_TE = BIAS_KINDS[bias_kind](select_TE, bias.detach().float())
         group_rule = ROUTE_LIMITS[route_limit]
         if group_rule is not None:
             select_TE = mask_unselected_groups(select_TE, topk, num_groups, max_groups, group_rule)
-        experts_TK = torch.topk(select_TE, k=topk, dim=-1).indices
-    gates_TK = gate_selected(scores_TE, experts_TK, normalize=normalize, scaling_factor=scaling_factor)
-    return gates_TK, experts_TK.long()
+        return torch.topk(select_TE, k=topk, dim=-1).indices.long()
 
 
 def gate_selected(

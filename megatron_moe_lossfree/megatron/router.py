@@ -147,12 +147,11 @@ class LossFreeRouter(TopKRouter):
         """Megatron normalises the K gates unless K == 1 or softmax is taken before the top-K."""
         return self.topk > 1 and not (self.score_function == "softmax" and self.config.moe_router_pre_softmax)
 
-    def select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Biased top-k selection with unbiased gates (pure ``routing.select_experts``)."""
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """experts_TK of the biased top-k (pure ``routing.choose_experts``); ``megatron_gates`` gates them."""
         cfg = self.lossfree
-        return routing.select_experts(
-            scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, normalize=self.gates_are_normalized(),
-            scaling_factor=self.config.moe_router_topk_scaling_factor, route_limit=cfg.route_limit,
+        return routing.choose_experts(
+            scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, route_limit=cfg.route_limit,
             num_groups=self.route_limit_groups(),
             max_groups=cfg.route_max_groups if cfg.route_limit != "none" else None)
 
@@ -160,10 +159,10 @@ class LossFreeRouter(TopKRouter):
         """experts_TK of ``select``, through Megatron's RouterReplay when ``moe_enable_routing_replay`` is on:
         RECORD stores the plugin's (biased) choice, REPLAY_* routes on the recorded experts."""
         if self.router_replay is None:
-            return self.select(scores_TE)[1]
+            return self.select(scores_TE)
 
         def compute_topk(scores, topk, num_groups=None, group_topk=None):
-            return self.select(scores)
+            return None, self.select(scores)  # (values, indices): only the indices are used or recorded
 
         return self.router_replay.get_replay_topk(scores_TE, self.topk, None, None, compute_topk)[1].long()
 
