@@ -32,13 +32,12 @@ import numpy as np
 import torch
 
 from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.training.metrics_log import VALID_ROUTING, VALID_ROUTING_FORMAT  # the writer's
 
 SAMPLES = 4000
 """Monte-Carlo samples of the sampling floor (its standard error is reported with it)."""
 EXACT_SUBSETS = 20000
 """Largest C(E, K) drawn exactly as a multinomial over subsets; above it, the normal approximation."""
-VALID_ROUTING = "valid_routing.pt"
-VALID_ROUTING_FORMAT = "mlf-valid-routing/1"
 ORACLE_ITERS = 200
 
 

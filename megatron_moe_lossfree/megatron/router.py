@@ -70,6 +70,9 @@ class LossFreeRouter(TopKRouter):
         # Set by the MoE layer (device-limited routing and the V2 losses need the EP layout).
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
+        # Set to a list by ``metrics_log.record_valid_routing``: evaluation forwards append their selection
+        # values there (the oracle floor of the ablations; None, the default, records nothing).
+        self.eval_record: Optional[list[torch.Tensor]] = None
         self.frozen_expert_bias = getattr(self, "frozen_expert_bias", False)  # 0.19's flag; 0.16 lacks it
         self.register_quantile_state()
 
@@ -275,6 +278,8 @@ class LossFreeRouter(TopKRouter):
         else:
             experts_TK = self.select_or_replay(select_TE)
         self.count_loads(experts_TK, valid_T)
+        if self.eval_record is not None and not self.training:
+            self.eval_record.append((select_TE if valid_T is None else select_TE[valid_T]).detach().float().cpu())
         gates_TK = self.megatron_gates(logits_TE, scores_TE, experts_TK)
         gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch, pad_T=pad_T)
         self.last_selection = (gates_TK.detach(), experts_TK)

@@ -12,6 +12,7 @@ logging steps only. Layers are indexed by Megatron's global layer number; dense 
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -189,3 +190,59 @@ def eval_metrics(trainer) -> dict:
     rows = list(counts.split([r.eval_tokens_per_expert.numel() for r in balancer.routers]))
     values = [row[0] for row in _by_layer(trainer, _batch_maxvio(rows).view(-1, 1))]
     return {"maxvio_global": sum(values) / len(values), "maxvio_global_layers": values}
+
+
+# ----------------------------------------------------------------------------- the oracle floor's dump
+
+VALID_ROUTING = "valid_routing.pt"
+VALID_ROUTING_FORMAT = "mlf-valid-routing/1"
+"""``OUT/valid_routing.pt``, written at the final evaluation; read by ``ablation/floors.py``."""
+
+
+def record_valid_routing(trainer) -> None:
+    """Make the next evaluation keep every routed token's selection values (``collect_valid_routing``)."""
+    if trainer.balancer is not None:
+        for router in trainer.balancer.routers:
+            router.eval_record = []
+
+
+def collect_valid_routing(trainer, step: int) -> Optional[dict]:
+    """What ``record_valid_routing`` kept, as the ``valid_routing.pt`` dict (docs/ablations/README.md), on
+    every rank; None without balancing. A collective on every rank (call it on all of them).
+
+    Per MoE layer: ``scores`` [T, E] fp32, the values the bias is applied to for selection (scores, or
+    logits for quantile balancing in logit space), over the ranks that route distinct tokens (the
+    balancer's group) and assembled over pipeline stages; ``bias`` the bias the evaluation routed with;
+    ``counts`` the evaluation's global loads (its MaxVio_global). The gathers are object gathers: this
+    runs once per run, at the end.
+    """
+    from megatron.core import parallel_state as ps
+
+    balancer = trainer.balancer
+    if balancer is None:
+        return None
+    local = {}
+    for router in balancer.routers:
+        rows, router.eval_record = router.eval_record or [], None
+        width = router.config.num_moe_experts
+        bias = router.expert_bias
+        local[router.layer_number] = {
+            "scores": torch.cat(rows) if rows else torch.zeros(0, width),
+            "counts": router.eval_tokens_per_expert.detach().cpu().clone(),
+            "bias": None if bias is None else bias.detach().float().cpu().clone()}
+    group = balancer.group
+    if group is not None and dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+        local = {n: {"scores": torch.cat([p[n]["scores"] for p in parts]),
+                     "counts": torch.stack([p[n]["counts"] for p in parts]).sum(0), "bias": entry["bias"]}
+                 for n, entry in local.items()}
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        parts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+        local = {n: entry for part in parts for n, entry in part.items()}
+    layers = sorted(local)
+    return {"format": VALID_ROUTING_FORMAT, "step": int(step), "topk": int(balancer.topk),
+            "bias_kind": balancer.lossfree.bias_kind, "layers": layers,
+            "scores": [local[n]["scores"] for n in layers], "bias": [local[n]["bias"] for n in layers],
+            "counts": [local[n]["counts"] for n in layers]}

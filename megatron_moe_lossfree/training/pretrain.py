@@ -283,7 +283,7 @@ def prepare_data(args, data_mod):
 def train(trainer: Trainer) -> dict:
     """The loop: steps, periodic table lines and evaluations, checkpoints, final summary."""
     from megatron_moe_lossfree.training.checkpoint import save_checkpoint
-    from megatron_moe_lossfree.training.metrics_log import eval_metrics, step_metrics
+    from megatron_moe_lossfree.training.metrics_log import eval_metrics, record_valid_routing, step_metrics
 
     a, log = trainer.args, trainer.logger
     tokens_per_step = a.global_batch_size * a.seq_length
@@ -306,8 +306,13 @@ def train(trainer: Trainer) -> dict:
             log.record(trainer.step, "train", m)
             window_start, window_steps = time.time(), 0
         if a.eval_iters > 0 and (trainer.step % a.eval_interval == 0 or trainer.step == a.train_iters):
+            final = trainer.step == a.train_iters
+            if final:
+                record_valid_routing(trainer)  # the ablations' oracle floor reads the final evaluation
             val = trainer.evaluate()
             balance = eval_metrics(trainer)
+            if final:
+                write_valid_routing(trainer)
             if val is not None:
                 ppl = math.exp(min(val, 50.0))
                 summary.update(val_loss=val, val_ppl=ppl, maxvio_global=balance.get("maxvio_global"))
@@ -323,6 +328,16 @@ def train(trainer: Trainer) -> dict:
         save_checkpoint(a.save, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
                         plugin_state(trainer))
     return summary
+
+
+def write_valid_routing(trainer: Trainer) -> None:
+    """``OUT/valid_routing.pt`` of the evaluation that just ran (a collective; the logging rank writes)."""
+    from megatron_moe_lossfree.training.metrics_log import VALID_ROUTING, collect_valid_routing
+
+    dump = collect_valid_routing(trainer, trainer.step)
+    if dump is not None and trainer.args.out and _is_logging_rank():
+        os.makedirs(trainer.args.out, exist_ok=True)
+        torch.save(dump, os.path.join(trainer.args.out, VALID_ROUTING))
 
 
 def plugin_state(trainer: Trainer) -> dict:

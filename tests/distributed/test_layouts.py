@@ -25,6 +25,7 @@ import pytest
 
 from tests.distributed import harness, layout_cases
 from tests.distributed.harness import Case
+from tests.integration.test_pretrain_cli import assert_valid_routing_dump
 
 pytestmark = pytest.mark.distributed
 
@@ -157,10 +158,25 @@ def _loss_values(stdout: str) -> list[float]:
 def test_mlf_pretrain_under_torchrun_tp2_sp_ep2(tmp_path, record_distributed_time):
     argv = ["pretrain", *layout_cases.TINY_MODEL, "--train-iters", "3",  # overrides the 2 of TINY_MODEL
             "--tensor-model-parallel-size", "2",
-            "--sequence-parallel", "--expert-model-parallel-size", "2", "--out", str(tmp_path / "run")]
+            "--sequence-parallel", "--expert-model-parallel-size", "2", "--out", str(tmp_path / "run"),
+            "--eval-iters", "1", "--eval-interval", "3"]
     proc = harness.run_torchrun(argv, 4, timeout_s=LAUNCH_TIMEOUT_S)
     record_distributed_time("torchrun mlf-pretrain TP2+SP x EP2 (4 ranks)", proc.wall_seconds)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = _loss_values(proc.stdout)
     assert len(losses) == 3 and all(math.isfinite(x) and 0 < x < 20 for x in losses), proc.stdout[-2000:]
     assert "done: 3 steps" in proc.stdout
+    # The final evaluation's routing, gathered over the ranks that route distinct tokens (TP x DP under
+    # SP): every token of the global batch (8 x 32) exactly once, consistent with the logged loads.
+    assert_valid_routing_dump(tmp_path / "run", step=3, tokens=8 * 32, layers=[2, 3, 4], num_experts=8, topk=2)
+
+
+def test_valid_routing_dump_assembles_pipeline_stages(tmp_path, record_distributed_time):
+    """PP2 x DP2: each stage holds its own MoE layers and each DP rank half the tokens; the dump has every
+    layer and every token once (the TP2+SP x EP2 run above covers the sequence-parallel gather)."""
+    argv = ["pretrain", *layout_cases.TINY_MODEL, "--train-iters", "3", "--pipeline-model-parallel-size", "2",
+            "--out", str(tmp_path / "run"), "--eval-iters", "1", "--eval-interval", "3"]
+    proc = harness.run_torchrun(argv, 4, timeout_s=LAUNCH_TIMEOUT_S)
+    record_distributed_time("torchrun mlf-pretrain PP2 x DP2 (4 ranks)", proc.wall_seconds)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_valid_routing_dump(tmp_path / "run", step=3, tokens=8 * 32, layers=[2, 3, 4], num_experts=8, topk=2)

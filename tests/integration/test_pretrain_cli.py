@@ -38,6 +38,33 @@ def test_two_step_run_prints_table_and_validation(tmp_path):
     assert all(0 < rows[s]["loss"] < 20 for s in rows)
     assert len(rows[2]["maxvio_batch_layers"]) == 1  # 2 layers, the first dense
     assert os.listdir(tmp_path / "run" / "tensorboard")
+    # The final evaluation's routing (the ablations' oracle floor): one eval batch of 4 x 32 tokens.
+    assert_valid_routing_dump(tmp_path / "run", step=2, tokens=4 * 32, layers=[2], num_experts=8, topk=2)
+
+
+def valid_rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        return {row["step"]: row for row in map(json.loads, fh) if row["kind"] == "valid"}
+
+
+def assert_valid_routing_dump(out_dir, *, step, tokens, layers, num_experts, topk):
+    """``OUT/valid_routing.pt`` holds every token of the final evaluation once: routing its scores with its
+    bias gives its counts, and those counts give the logged MaxVio_global, layer by layer."""
+    import torch
+
+    from megatron_moe_lossfree.ablation.floors import load_valid_routing, oracle_floor, routed_counts_E
+
+    dump = load_valid_routing(str(out_dir))
+    assert (dump.step, dump.topk, dump.bias_kind, list(dump.layers)) == (step, topk, "additive", layers)
+    logged = valid_rows(out_dir)[step]["maxvio_global_layers"]
+    for scores_TE, bias_E, counts_E in zip(dump.scores_LTE, dump.bias_LE, dump.counts_LE):
+        assert scores_TE.shape == (tokens, num_experts) and scores_TE.dtype == torch.float32
+        assert bias_E.shape == (num_experts,)
+        assert int(counts_E.sum()) == tokens * topk
+        assert torch.equal(routed_counts_E(scores_TE, bias_E, topk), counts_E)
+    floor = oracle_floor(dump)
+    assert floor.learned == pytest.approx(sum(logged) / len(logged), rel=1e-12)
+    assert floor.maxvio_global <= floor.learned + 1e-12
 
 
 def test_resume_continues_exactly(tmp_path):
