@@ -223,16 +223,18 @@ class BiasBalancer:
         if rate == 0.0:
             return None
         cfg = self.lossfree
-        rows = self.updating_rows()
-        offset = 0
-        for i, router in enumerate(self.routers):
-            width = router.expert_bias.numel()
-            size = width * (cfg.quantile_bins if cfg.quantile_estimator == "histogram" else 1)
-            stats = self.last_quantile[offset: offset + size]
-            observed = self.last_quantile[offset + size]
-            offset += size + 1
-            if not bool(observed > 0) or (rows is not None and not bool(rows[i])):
+        bins = cfg.quantile_bins if cfg.quantile_estimator == "histogram" else 1
+        spans, offset = [], 0  # per layer: (start, width); the layer's observed count follows its stats
+        for router in self.routers:
+            spans.append((offset, router.expert_bias.numel()))
+            offset += router.expert_bias.numel() * bins + 1
+        observed_L = self.last_quantile[[start + width * bins for start, width in spans]]
+        seen = observed_L.tolist()  # the step's one host sync (which layers observed anything)
+        for i, (router, (start, width)) in enumerate(zip(self.routers, spans)):
+            moving = router.training and not getattr(router, "frozen_expert_bias", False)
+            if seen[i] <= 0 or not moving:
                 continue
+            stats, observed = self.last_quantile[start: start + width * bins], observed_L[i]
             if cfg.quantile_estimator == "exact":
                 solution_E = stats.float() / observed.float()
             else:
