@@ -230,7 +230,12 @@ def setup(args: argparse.Namespace) -> Trainer:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     batches = dict(global_batch_size=gb, micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
     train_data = data_mod.iterate_micro_batches(train_ds, start_step=step, **batches)
-    valid_data = data_mod.iterate_micro_batches(valid_ds, start_step=0, **batches) if valid_ds else None
+    # Each evaluation reads the next --eval-iters batches; a resumed job skips those its evaluations
+    # already read (Megatron-LM's consumed_valid_samples), so it scores the same samples as an
+    # uninterrupted one.
+    evals_done = step // args.eval_interval if args.eval_interval else 0
+    valid_data = (data_mod.iterate_micro_batches(valid_ds, start_step=evals_done * args.eval_iters, **batches)
+                  if valid_ds else None)
     logger = RunLogger(args.out, enabled=_is_logging_rank(), total_steps=args.train_iters, start_step=step,
                        tensorboard_dir=args.tensorboard_dir, progress=not args.no_progress)
     return Trainer(args=args, config=config, model=model, optimizer=optimizer, scheduler=scheduler,

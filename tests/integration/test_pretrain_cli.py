@@ -81,3 +81,8 @@ def test_resume_continues_exactly(tmp_path):
     for step in (4, 5, 6):
         for key in ("loss", "maxvio_batch", "loads_layers", "bias_layers", "lr"):
             assert b[step][key] == a[step][key], f"step {step} {key}"
+    # The evaluation at step 6 (the second: every 3 steps) scores the same validation samples as the
+    # uninterrupted run's, as Megatron-LM's restored consumed_valid_samples gives: loss and loads equal.
+    valid_a, valid_b = valid_rows(full), valid_rows(part)
+    assert sorted(valid_a) == [3, 6] and sorted(valid_b) == [6]
+    assert valid_b[6]["loss"] == valid_a[6]["loss"] and valid_b[6]["maxvio_global"] == valid_a[6]["maxvio_global"]
