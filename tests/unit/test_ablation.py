@@ -351,7 +351,24 @@ def test_run_metrics_reads_a_run_directory(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run_metrics(load_run(str(tmp_path))) == {
         "steps": 10, "final_loss": 6.0, "final_ppl": 403.4287934927351, "maxvio_global": 0.25,
-        "maxvio_batch_tail": 0.5, "maxvio_compute_tail": 0.75, "drop_tail": 0.0, "val_loss_tail_gain": None}
+        "maxvio_batch_tail": 0.5, "maxvio_compute_tail": 0.75, "drop_tail": 0.0, "val_loss_tail_gain": None,
+        "train_loss_tail_gain": 0.0}
+
+
+def test_train_tail_gain_compares_the_last_two_fifths_window_means():
+    from megatron_moe_lossfree.ablation.report import flattening_line, train_tail_gain
+
+    # 10 logged steps: window (6, 8] holds steps 7, 8 (mean 4.0); (8, 10] steps 9, 10 (mean 3.0).
+    rows = [{"step": s, "loss": {7: 4.5, 8: 3.5, 9: 3.25, 10: 2.75}.get(s, 9.0)} for s in range(1, 11)]
+    assert train_tail_gain(rows) == 0.25
+    assert train_tail_gain(rows[-1:]) is None  # no earlier window
+    assert train_tail_gain([]) is None
+    results = {"a": [{"train_loss_tail_gain": 0.25, "val_loss_tail_gain": 0.01}],
+               "b": [{"train_loss_tail_gain": 0.05, "val_loss_tail_gain": None}]}
+    assert flattening_line(results) == ("- flattening: improvement over the last 20% of steps, every run of this "
+                                        "table: training loss (window means) 15.0 [5.0, 25.0]%; validation loss "
+                                        "(one evaluation each) 1.0%")
+    assert flattening_line({"a": [{}]}) is None
 
 
 # ----------------------------------------------------------------------------- shared runs, --suite all
