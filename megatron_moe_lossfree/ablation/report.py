@@ -22,6 +22,9 @@ from typing import Optional, Sequence
 from megatron_moe_lossfree.ablation.suites import Scale, Suite
 from megatron_moe_lossfree.report import RunData, summarize, tail
 
+SETTLE_BELOW = 0.5
+"""The MaxVio_batch a run must stay below for ``settle_step`` (issue 17: steps until it stays below 0.5)."""
+
 METRICS: dict[str, tuple[str, str, float]] = {
     # key: (column label, format, multiplier)
     "final_loss": ("val loss", ".3f", 1.0),
@@ -30,6 +33,8 @@ METRICS: dict[str, tuple[str, str, float]] = {
     "maxvio_batch_tail": ("MaxVio_batch (last 10%)", ".3f", 1.0),
     "maxvio_compute_tail": ("MaxVio_compute (last 10%)", ".3f", 1.0),
     "drop_tail": ("drop % (last 10%)", ".2f", 100.0),
+    "settle_batch": (f"steps until MaxVio_batch < {SETTLE_BELOW} for good", ".0f", 1.0),
+    "bias_jitter_tail": ("|bias change| between log rows (last 10%)", ".4f", 1.0),
 }
 
 FLOORS: dict[str, tuple[str, str, str]] = {
@@ -78,6 +83,32 @@ def train_tail_gain(train: Sequence[dict], fraction: float = 0.2) -> Optional[fl
     return (earlier - final) / earlier
 
 
+def settle_step(train: Sequence[dict], key: str = "maxvio_batch", below: float = SETTLE_BELOW) -> Optional[int]:
+    """The first logged step from which every logged ``key`` stays below ``below`` to the end of the run
+    (resolution: the log interval); None when the last logged value is not below it."""
+    rows = [r for r in train if _finite(r.get(key)) is not None]
+    settled = None
+    for row in rows:
+        if row[key] < below:
+            settled = row["step"] if settled is None else settled
+        else:
+            settled = None
+    return settled
+
+
+def bias_jitter(train: Sequence[dict]) -> Optional[float]:
+    """How far the bias moves between consecutive log rows over the last 10% of them: the mean over
+    expert, layer and pair of |b(row) - b(previous row)|. A rule that replaces the bias each step
+    (quantile balancing without EMA) shows its step-to-step noise here; the sign rule moves at most
+    u per step. None without two logged biases."""
+    rows = [r for r in train if isinstance(r.get("bias_layers"), list) and r["bias_layers"]]
+    rows = rows[-max(2, len(tail(rows))):] if len(rows) >= 2 else []
+    diffs = [abs(a - b) for prev, row in zip(rows, rows[1:])
+             for layer_a, layer_b in zip(row["bias_layers"], prev["bias_layers"]) if layer_a and layer_b
+             for a, b in zip(layer_a, layer_b)]
+    return sum(diffs) / len(diffs) if diffs else None
+
+
 def run_metrics(run: RunData) -> dict:
     """Every METRICS key for one run (None where the run did not log it), plus ``steps`` and
     ``val_loss_tail_gain`` (``tail_gain``) and ``train_loss_tail_gain`` (``train_tail_gain``)."""
@@ -95,6 +126,8 @@ def run_metrics(run: RunData) -> dict:
         "drop_tail": summary["drop_tail"],
         "val_loss_tail_gain": tail_gain(run.valid),
         "train_loss_tail_gain": train_tail_gain(run.train),
+        "settle_batch": settle_step(run.train),
+        "bias_jitter_tail": bias_jitter(run.train),
     }
 
 

@@ -186,6 +186,7 @@ def lfb_rate(scale: Scale) -> Suite:
         source="LFB Fig. 4 (PPL) and Table 3 (MaxVio_global of u 1e-3)", baseline="bias-sign-u1e-3",
         paper_columns=(f"paper 1B: {PPL_MAXVIO}",),
         arms=tuple(Arm(f"bias-sign-u{u}", loss_free("sign", u), paper=(paper[u],)) for u in RATES),
+        metrics=("final_ppl", "maxvio_global", "maxvio_batch_tail", "settle_batch", "bias_jitter_tail"),
         notes=("paper: u 1e-4 balances slowly; u 1e-2 oscillates late in training.",))
 
 
@@ -286,9 +287,13 @@ def qb(scale: Scale) -> Suite:
               Arm("qb-histogram", quantile("histogram", space="scores"), paper=(NA,)),
               Arm("qb-exact-ema0.9", quantile("exact", ema="0.9"), paper=(NA,)),
               Arm("aux-a1e-3", loss_controlled("1e-3"), paper=(NA,))),
+        metrics=("final_ppl", "maxvio_global", "maxvio_batch_tail", "settle_batch", "bias_jitter_tail"),
+        compare=("final_ppl", "maxvio_global", "maxvio_batch_tail", "settle_batch"),
         notes=("qb-exact: Megatron-Core 0.19's estimator on router logits, EMA 0 (the bias is replaced each "
                "step); qb-histogram: Kimi K3's estimator on sigmoid scores (1000 bins, margin 1 covers score "
                "space exactly); qb-exact-ema0.9 keeps 90% of the old bias each step.",
+               "the exact and EMA arms' bias lives in logit space, the sign and histogram arms' in score "
+               "space: compare their |bias change| within a space only.",
                "the sign arm is lfb-main's loss-free arm and the aux arm lfb-main's baseline (shared runs)."))
 
 

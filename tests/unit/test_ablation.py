@@ -352,7 +352,7 @@ def test_run_metrics_reads_a_run_directory(tmp_path):
     assert run_metrics(load_run(str(tmp_path))) == {
         "steps": 10, "final_loss": 6.0, "final_ppl": 403.4287934927351, "maxvio_global": 0.25,
         "maxvio_batch_tail": 0.5, "maxvio_compute_tail": 0.75, "drop_tail": 0.0, "val_loss_tail_gain": None,
-        "train_loss_tail_gain": 0.0}
+        "train_loss_tail_gain": 0.0, "settle_batch": None, "bias_jitter_tail": None}  # 0.5 is not below 0.5
 
 
 def test_train_tail_gain_compares_the_last_two_fifths_window_means():
@@ -490,3 +490,25 @@ def test_threads_reach_the_run_environment_and_bad_counts_are_refused(tmp_path):
     with pytest.raises(LossFreeConfigError) as err:
         runner.main(["--suite", "lfb-main", "--threads", "0", "--dry-run"])
     assert str(err.value) == "--threads (0) must be >= 1"
+
+
+def test_settle_step_is_where_maxvio_batch_stays_below_for_good():
+    from megatron_moe_lossfree.ablation.report import settle_step
+
+    values = {10: 2.0, 20: 0.4, 30: 0.6, 40: 0.45, 50: 0.3, 60: 0.2}
+    rows = [{"step": s, "maxvio_batch": v} for s, v in values.items()]
+    assert settle_step(rows) == 40  # 20 dipped below, 30 went back above
+    assert settle_step(rows + [{"step": 70, "maxvio_batch": 0.5}]) is None  # not below at the end
+    assert settle_step([{"step": 10, "maxvio_batch": 0.1}]) == 10
+    assert settle_step([]) is None
+
+
+def test_bias_jitter_is_the_mean_change_between_the_last_log_rows():
+    from megatron_moe_lossfree.ablation.report import bias_jitter
+
+    # 20 rows: the tail is the last 2 (ceil of 10%), one pair: |0.25 - 0.5|, |-0.5 - 0| over 2 layers of 1.
+    rows = [{"step": s, "bias_layers": [[0.5], [0.0]]} for s in range(1, 20)]
+    rows.append({"step": 20, "bias_layers": [[0.25], [-0.5]]})
+    assert bias_jitter(rows) == 0.375
+    assert bias_jitter(rows[:1]) is None
+    assert bias_jitter([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]) is None  # no bias logged
