@@ -135,10 +135,14 @@ class BiasBalancer:
             if hide:
                 config.moe_router_enable_expert_bias = True
 
+    def moving_routers(self) -> list[bool]:
+        """Per router: does its bias move this step? Like Megatron (0.19), a router in eval mode (a
+        distillation teacher) or with ``frozen_expert_bias`` keeps its bias."""
+        return [r.training and not getattr(r, "frozen_expert_bias", False) for r in self.routers]
+
     def updating_rows(self) -> Optional[torch.Tensor]:
-        """bool [L]: routers whose bias moves this step; None when all do. Like Megatron (0.19), a router
-        in eval mode (a distillation teacher) or with ``frozen_expert_bias`` keeps its bias."""
-        rows = [r.training and not getattr(r, "frozen_expert_bias", False) for r in self.routers]
+        """bool [L] of ``moving_routers``; None when all move."""
+        rows = self.moving_routers()
         return None if all(rows) else torch.tensor(rows, device=self.flat_counts.device)
 
     def reduce_counts(self) -> torch.Tensor:
@@ -230,8 +234,7 @@ class BiasBalancer:
             offset += router.expert_bias.numel() * bins + 1
         observed_L = self.last_quantile[[start + width * bins for start, width in spans]]
         seen = observed_L.tolist()  # the step's one host sync (which layers observed anything)
-        for i, (router, (start, width)) in enumerate(zip(self.routers, spans)):
-            moving = router.training and not getattr(router, "frozen_expert_bias", False)
+        for i, (router, (start, width), moving) in enumerate(zip(self.routers, spans, self.moving_routers())):
             if seen[i] <= 0 or not moving:
                 continue
             stats, observed = self.last_quantile[start: start + width * bins], observed_L[i]
