@@ -284,7 +284,7 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
     if floor_keys:
         lines.append("- floors: random = the MaxVio of a router choosing K experts uniformly at random over the "
                      "same tokens (seeded Monte-Carlo, ablation/floors.py); oracle = the best single bias "
-                     "solved on the validation set's own scores (n/a: the run wrote no valid_routing.pt)")
+                     "solved on the final evaluation's own scores (valid_routing.pt; n/a for a run without one)")
     flattening = flattening_line(results)
     if flattening:
         lines.append(flattening)

@@ -297,7 +297,7 @@ def test_paper_table_exact_markdown():
 - wall time: 6 run(s), 12.0 min in total
 - scale: tiny (preset tiny-cpu), 200 steps, 3 seed(s) per arm (1, 2, 3), the same seeds for every arm
 - ours: mean [min, max] over seeds. Last column: the paired difference arm - compared arm, seed by seed, mean [min, max]; "lower"/"higher" only when every seed agrees on its sign, "≈" otherwise
-- floors: random = the MaxVio of a router choosing K experts uniformly at random over the same tokens (seeded Monte-Carlo, ablation/floors.py); oracle = the best single bias solved on the validation set's own scores (n/a: the run wrote no valid_routing.pt)
+- floors: random = the MaxVio of a router choosing K experts uniformly at random over the same tokens (seeded Monte-Carlo, ablation/floors.py); oracle = the best single bias solved on the final evaluation's own scores (valid_routing.pt; n/a for a run without one)
 - paper: LFB Table 9
 
 | arm | flags | paper 1B: PPL / MaxVio_global | val PPL | MaxVio_global | drop % (last 10%) | MaxVio_global floor: random | MaxVio_global floor: oracle | paired difference vs compared arm |
