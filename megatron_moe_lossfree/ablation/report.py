@@ -34,7 +34,7 @@ METRICS: dict[str, tuple[str, str, float]] = {
     "maxvio_compute_tail": ("MaxVio_compute (last 10%)", ".3f", 1.0),
     "drop_tail": ("drop % (last 10%)", ".2f", 100.0),
     "settle_batch": (f"steps until MaxVio_batch < {SETTLE_BELOW} for good", ".0f", 1.0),
-    "bias_jitter_tail": ("|bias change| between log rows (last 10%)", ".4f", 1.0),
+    "bias_jitter_tail": ("bias change per log row, mean abs (last 10%)", ".4f", 1.0),
 }
 
 FLOORS: dict[str, tuple[str, str, str]] = {

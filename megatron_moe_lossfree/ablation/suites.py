@@ -293,7 +293,7 @@ def qb(scale: Scale) -> Suite:
                "step); qb-histogram: Kimi K3's estimator on sigmoid scores (1000 bins, margin 1 covers score "
                "space exactly); qb-exact-ema0.9 keeps 90% of the old bias each step.",
                "the exact and EMA arms' bias lives in logit space, the sign and histogram arms' in score "
-               "space: compare their |bias change| within a space only.",
+               "space: compare their bias change within a space only.",
                "the sign arm is lfb-main's loss-free arm and the aux arm lfb-main's baseline (shared runs)."))
 
 

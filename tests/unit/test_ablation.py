@@ -512,3 +512,10 @@ def test_bias_jitter_is_the_mean_change_between_the_last_log_rows():
     assert bias_jitter(rows) == 0.375
     assert bias_jitter(rows[:1]) is None
     assert bias_jitter([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]) is None  # no bias logged
+
+
+def test_column_labels_hold_no_markdown_cell_separator():
+    from megatron_moe_lossfree.ablation.report import FLOORS, METRICS
+
+    labels = [label for label, *_ in METRICS.values()] + [label for label, *_ in FLOORS.values()]
+    assert not [label for label in labels if "|" in label]
