@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.metrics import max_violation
 from megatron_moe_lossfree.training.metrics_log import VALID_ROUTING, VALID_ROUTING_FORMAT  # the writer's
 
 SAMPLES = 4000
@@ -172,12 +173,6 @@ def routed_counts_E(scores_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top
     return torch.bincount(experts_TK.reshape(-1), minlength=scores_TE.shape[1])
 
 
-def _maxvio(counts_E: torch.Tensor) -> float:
-    counts = counts_E.double()
-    mean = counts.mean()
-    return float((counts.max() - mean) / mean) if mean > 0 else 0.0
-
-
 def balancing_bias_E(scores_TE: torch.Tensor, bias_E: torch.Tensor, topk: int) -> torch.Tensor:
     """One dual coordinate-descent step towards the bias that balances these scores (Su, "MoE Odyssey 6";
     Kimi K3 Eq. 13-14; REFERENCE 10), centred: with the cutoffs of ``bias_E`` held fixed, expert i gets
@@ -211,7 +206,7 @@ def oracle_bias_E(scores_TE: torch.Tensor, topk: int, *, start_E: Optional[torch
         raise LossFreeConfigError(f"iters ({iters}) must be an integer >= 0")
     scores = scores_TE.double()
     bias = torch.zeros(scores.shape[1], dtype=torch.float64) if start_E is None else start_E.double().clone()
-    best_bias, best = bias, _maxvio(routed_counts_E(scores, bias, topk))
+    best_bias, best = bias, max_violation(routed_counts_E(scores, bias, topk))
     for _ in range(iters):
         if best == 0.0:
             break
@@ -219,7 +214,7 @@ def oracle_bias_E(scores_TE: torch.Tensor, topk: int, *, start_E: Optional[torch
         if torch.equal(new, bias):
             break
         bias = new
-        vio = _maxvio(routed_counts_E(scores, bias, topk))
+        vio = max_violation(routed_counts_E(scores, bias, topk))
         if vio < best:
             best_bias, best = bias, vio
     return best_bias, best
@@ -245,7 +240,7 @@ def oracle_floor(routing: ValidRouting, *, iters: int = ORACLE_ITERS) -> OracleF
     for scores_TE, bias_E in zip(routing.scores_LTE, routing.bias_LE):
         start = bias_E if routing.bias_kind == "additive" else None
         layers.append(oracle_bias_E(scores_TE, routing.topk, start_E=start, iters=iters)[1])
-        learned.append(_maxvio(routed_counts_E(scores_TE, bias_E, routing.topk, routing.bias_kind)))
+        learned.append(max_violation(routed_counts_E(scores_TE, bias_E, routing.topk, routing.bias_kind)))
     return OracleFloor(maxvio_global=sum(layers) / len(layers), layers=tuple(layers),
                        learned=sum(learned) / len(learned))
 
