@@ -12,6 +12,35 @@ from typing import Optional
 from tqdm import tqdm
 
 
+def truncate_jsonl(path: str, *, last_step: int) -> int:
+    """Keep the rows of ``path`` up to ``last_step``; return how many rows were removed.
+
+    Rows after ``last_step`` come from a job interrupted after its last checkpoint, and so does an
+    unreadable line (a row cut short by the interruption): both are removed and counted. A fresh job
+    (``last_step`` 0) therefore starts an empty file rather than appending to an old run's rows.
+    """
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+                keep = int(row["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += bool(line.strip())
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
+
+
 class RunLogger:
     """Writes one run's outputs; every method is a no-op on ranks that do not log."""
 
@@ -27,8 +56,17 @@ class RunLogger:
         os.makedirs(out_dir, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=tensorboard_dir or os.path.join(out_dir, "tensorboard"))
-        self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a", buffering=1)
+        # A job resumed from step S logs steps S+1 onwards again: the rows (and TensorBoard events) an
+        # interrupted job wrote after its step-S checkpoint are removed, so every step appears once.
+        # TensorBoard's own purge_step does it for the events; ``truncate_jsonl`` for the JSONL.
+        self.writer = SummaryWriter(log_dir=tensorboard_dir or os.path.join(out_dir, "tensorboard"),
+                                    purge_step=start_step + 1 if start_step > 0 else None)
+        jsonl_path = os.path.join(out_dir, "metrics.jsonl")
+        dropped = truncate_jsonl(jsonl_path, last_step=start_step)
+        if dropped:
+            print(f"metrics.jsonl: removed {dropped} row(s) logged after step {start_step}, the step this "
+                  f"job resumes from (an interrupted job's; they are logged again)", flush=True)
+        self.jsonl = open(jsonl_path, "a", buffering=1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, leave=False, file=sys.stderr)

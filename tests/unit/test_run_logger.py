@@ -1,0 +1,49 @@
+"""``RunLogger`` on a resumed job: every step appears once in metrics.jsonl and in TensorBoard."""
+
+import json
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megatron_moe_lossfree.training.logger import RunLogger, truncate_jsonl
+
+
+def rows(path):
+    return [(r["kind"], r["step"], r["loss"]) for r in map(json.loads, open(path))]
+
+
+def log_steps(out, start_step, steps, loss):
+    log = RunLogger(str(out), enabled=True, total_steps=6, start_step=start_step, progress=False)
+    for step in steps:
+        log.record(step, "train", {"loss": loss(step)})
+        if step % 2 == 0:
+            log.record(step, "valid", {"loss": loss(step) + 0.5})
+    log.close()
+
+
+def test_a_job_resumed_from_step_2_replaces_the_rows_and_events_logged_after_it(tmp_path, capsys):
+    # An interrupted job logged steps 1-4 (checkpoint at step 2) and was cut off mid-row.
+    log_steps(tmp_path, 0, [1, 2, 3, 4], loss=float)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "st')
+    capsys.readouterr()
+    log_steps(tmp_path, 2, [3, 4], loss=lambda s: 10.0 * s)
+    assert ("metrics.jsonl: removed 4 row(s) logged after step 2, the step this job resumes from"
+            in capsys.readouterr().out)
+    assert rows(tmp_path / "metrics.jsonl") == [
+        ("train", 1, 1.0), ("train", 2, 2.0), ("valid", 2, 2.5), ("train", 3, 30.0), ("train", 4, 40.0),
+        ("valid", 4, 40.5)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [(e.step, e.value) for e in events.Scalars("valid/loss")] == [(2, 2.5), (4, 40.5)]
+
+
+def test_truncate_jsonl_keeps_an_uninterrupted_file_untouched(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert truncate_jsonl(str(path), last_step=3) == 0 and not path.exists()
+    path.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "train", "step": 3, "loss": 3.0}\n')
+    before = path.stat().st_mtime_ns
+    assert truncate_jsonl(str(path), last_step=3) == 0
+    assert path.stat().st_mtime_ns == before
+    # A fresh job (step 0) into an old run's directory starts an empty file.
+    assert truncate_jsonl(str(path), last_step=0) == 2 and path.read_text() == ""
