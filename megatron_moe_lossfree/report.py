@@ -215,14 +215,14 @@ def plot_maxvio(runs: list[RunData], path: str, smooth: int) -> list[str]:
     if not any(len(steps) for _, steps, _ in curves):
         return ["maxvio_batch.png skipped: no run logged maxvio_batch"]
     fig, (ax,) = _figure()
-    for color, (label, steps, values) in zip(_colors(), curves):  # a run keeps its colour in every plot
+    for color, (label, steps, values) in zip(_colors(len(curves)), curves):  # a run keeps its colour in every plot
         if len(steps):
             ax.plot(steps, moving_average(values, smooth, steps), color=color, label=label)
     ax.set(title=f"MaxVio_batch (mean over MoE layers), trailing mean over {smooth} steps",
            xlabel="training step", ylabel=f"MaxVio_batch, {smooth}-step moving average")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(fig, ax)
     fig.savefig(path, dpi=120)
     return notes
 
@@ -277,29 +277,47 @@ def plot_loss(runs: list[RunData], path: str, smooth: int) -> list[str]:
     window = max(1, smooth // 10)  # light smoothing: the curve shape stays visible
     fig, (ax,) = _figure()
     drawn = False
-    for color, run in zip(_colors(), runs):
+    for color, run in zip(_colors(len(runs)), runs):
         steps, loss = series(run.train, "loss")
         if len(steps):
-            ax.plot(steps, moving_average(loss, window, steps), color=color, label=f"{run.label} train")
+            ax.plot(steps, moving_average(loss, window, steps), color=color, label=run.label)
             drawn = True
         v_steps, v_loss = series(run.valid, "loss")
         if len(v_steps):
-            ax.plot(v_steps, v_loss, "o", color=color, markeredgecolor="black", label=f"{run.label} valid")
+            # Unlabelled: the title says the points are validation, the legend names the runs once each.
+            ax.plot(v_steps, v_loss, "o", color=color, markeredgecolor="black")
             drawn = True
     if not drawn:
         return ["loss.png skipped: no run logged a loss"]
     ax.set(title=f"Loss: train ({window}-step moving average) and validation (points)",
            xlabel="training step", ylabel="cross-entropy loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(fig, ax)
     fig.savefig(path, dpi=120)
     return []
 
 
-def _colors():
-    from matplotlib import rcParams
+def _legend(fig, ax, inside_max: int = 6, rows_per_column: int = 16) -> None:
+    """A legend inside the axes for a few runs; beside them, in columns of ``rows_per_column``, for a
+    suite's many runs (18 runs inside the axes hid the curves)."""
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries <= inside_max:
+        ax.legend()
+    else:
+        ncols = math.ceil(entries / rows_per_column)
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 2.6 * ncols, height)  # the axes keep their width beside the legend
+        fig.legend(loc="outside right upper", fontsize="small", ncols=ncols)
+
+
+def _colors(count: int = 0):
+    """The default colour cycle; tab20's 20 colours when more runs than the cycle's 10 share a plot
+    (a run keeps its colour in every plot of one report)."""
+    from matplotlib import colormaps, rcParams
 
     cycle = rcParams["axes.prop_cycle"].by_key()["color"]
+    if count > len(cycle):
+        cycle = list(colormaps["tab20"].colors)
     while True:
         yield from cycle
 

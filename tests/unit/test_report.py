@@ -263,3 +263,23 @@ def test_scatter_reads_the_last_validation_row_of_a_resumed_run(tmp_path):
     assert final_validation(str(tmp_path)) == {"kind": "valid", "step": 20, "ppl": 7.5}
     write_rows(str(tmp_path / "none"), [{"kind": "train", "step": 1, "loss": 2.0}])
     assert final_validation(str(tmp_path / "none")) == {}
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        header = f.read(24)
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_many_runs_get_a_legend_beside_the_axes(runs, tmp_path):
+    """A suite's 12 runs: the legend moves beside the axes and the figure widens by one legend column
+    (2.6 in at 120 dpi), so the curves keep the 7 in x 4 in of a two-run plot."""
+    from megatron_moe_lossfree.report import plot_loss, plot_maxvio
+
+    two = [load_run(runs[0], label=f"arm s{seed}") for seed in (1, 2)]
+    twelve = [load_run(runs[0], label=f"arm{arm} s{seed}") for arm in range(4) for seed in (1, 2, 3)]
+    for plot in (plot_loss, plot_maxvio):
+        plot(two, str(tmp_path / "two.png"), 10)
+        plot(twelve, str(tmp_path / "twelve.png"), 10)
+        assert png_size(tmp_path / "two.png") == (840, 480), plot.__name__
+        assert png_size(tmp_path / "twelve.png") == (round(9.6 * 120), 480), plot.__name__
