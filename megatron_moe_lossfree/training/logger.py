@@ -63,9 +63,12 @@ class RunLogger:
                                     purge_step=start_step + 1 if start_step > 0 else None)
         jsonl_path = os.path.join(out_dir, "metrics.jsonl")
         dropped = truncate_jsonl(jsonl_path, last_step=start_step)
-        if dropped:
+        if dropped and start_step:
             print(f"metrics.jsonl: removed {dropped} row(s) logged after step {start_step}, the step this "
                   f"job resumes from (an interrupted job's; they are logged again)", flush=True)
+        elif dropped:
+            print(f"metrics.jsonl: removed {dropped} row(s) of an earlier run in {out_dir} (this job starts "
+                  f"at step 0 without --load; pass --load to continue that run)", flush=True)
         self.jsonl = open(jsonl_path, "a", buffering=1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",

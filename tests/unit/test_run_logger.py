@@ -47,3 +47,12 @@ def test_truncate_jsonl_keeps_an_uninterrupted_file_untouched(tmp_path):
     assert path.stat().st_mtime_ns == before
     # A fresh job (step 0) into an old run's directory starts an empty file.
     assert truncate_jsonl(str(path), last_step=0) == 2 and path.read_text() == ""
+
+
+def test_a_fresh_job_in_an_old_runs_directory_says_it_replaced_its_rows(tmp_path, capsys):
+    log_steps(tmp_path, 0, [1, 2], loss=float)
+    capsys.readouterr()
+    log_steps(tmp_path, 0, [1], loss=lambda s: 5.0)
+    assert (f"metrics.jsonl: removed 3 row(s) of an earlier run in {tmp_path} (this job starts at step 0 "
+            "without --load; pass --load to continue that run)") in capsys.readouterr().out
+    assert rows(tmp_path / "metrics.jsonl") == [("train", 1, 5.0)]
