@@ -51,7 +51,9 @@ bench-next: $(VENV_NEXT)/.installed
 
 # One GPU, at most 8 minutes: the card, the gpu/fp8 tests, 50 bf16 + 50 FP8 training steps, the router
 # benchmark against Megatron's (fused) router; --dry-run prints the plan (benchmarks/gpu_check.py).
-gpu-check: $(STAMP)
+# On a GPU machine whose python already has CUDA torch and megatron-core (no network, no venv):
+#   make gpu-check PY=python3      (PY given on the command line: the venv is not built)
+gpu-check: $(if $(filter command line,$(origin PY)),,$(STAMP))
 	$(PY) benchmarks/gpu_check.py
 
 clean:

@@ -49,7 +49,7 @@ class BiasInconsistencyError(RuntimeError):
 def bias_checksum(bias: torch.Tensor) -> int:
     """An exact fingerprint of an fp32 bias: its bit patterns, position-weighted, summed in int64."""
     bits = bias.detach().float().contiguous().view(torch.int32).long()
-    return int((bits * torch.arange(1, bits.numel() + 1)).sum())
+    return int((bits * torch.arange(1, bits.numel() + 1, device=bits.device)).sum())
 
 
 class BiasBalancer:
@@ -286,7 +286,7 @@ class BiasBalancer:
         if not self.routers or self.group is None or not dist.is_initialized():
             return
         local = torch.tensor([bias_checksum(r.expert_bias) if r.expert_bias is not None else 0
-                              for r in self.routers], dtype=torch.int64)
+                              for r in self.routers], dtype=torch.int64, device=self.flat_counts.device)
         size = dist.get_world_size(self.group)
         gathered = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(gathered, local, group=self.group)

@@ -43,6 +43,13 @@ class NonFiniteRouterError(FloatingPointError):
     """Router logits or counts are NaN/inf: names the layer (and step when known)."""
 
 
+def _buffer_device(weight: torch.Tensor):
+    """Where the router's buffers live: Megatron's router registers its own on the current GPU (and moves a
+    host-initialised weight there at its first forward), so the plugin's join them; the weight's device
+    (the host) without CUDA."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else weight.device
+
+
 class LossFreeRouter(TopKRouter):
     """TopKRouter whose ``expert_bias`` is owned by the plugin (fp32, persistent, Megatron's name)."""
 
@@ -56,17 +63,19 @@ class LossFreeRouter(TopKRouter):
         # balancer hides moe_router_enable_expert_bias from Megatron's finalize: one owner).
         initial = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
         del self.expert_bias, self.local_tokens_per_expert
-        self.register_buffer("expert_bias", torch.full((num_experts,), initial, dtype=torch.float32)
-                             if use_bias else None)
-        self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64),
-                             persistent=False)
+        device = _buffer_device(self.weight)
+        self.register_buffer("expert_bias", torch.full((num_experts,), initial, dtype=torch.float32,
+                                                       device=device) if use_bias else None)
+        self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64,
+                                                                    device=device), persistent=False)
         # Evaluation loads (MaxVio_global) are kept apart so that evaluation never moves the bias.
-        self.register_buffer("eval_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer("eval_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64,
+                                                                   device=device), persistent=False)
         # Per micro-batch local counts of this step (MaxVio_computation-batch); cleared by the balancer.
         self.micro_batch_counts: list[torch.Tensor] = []
         # int64 so the balancer can fold it into the one count all-reduce of the step
-        self.register_buffer("nonfinite_logits", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("nonfinite_logits", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
         # Set by the MoE layer (device-limited routing and the V2 losses need the EP layout).
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
@@ -92,13 +101,14 @@ class LossFreeRouter(TopKRouter):
         self.quantile = cfg.balancing == "bias" and cfg.update_rule == "quantile"
         exact = self.quantile and cfg.quantile_estimator == "exact"
         histogram = self.quantile and cfg.quantile_estimator == "histogram"
-        self.register_buffer("qb_solution_sum", torch.zeros(num_experts, dtype=torch.float32) if exact else None,
-                             persistent=False)
-        self.register_buffer("qb_histogram", torch.zeros(num_experts, cfg.quantile_bins, dtype=torch.int64)
-                             if histogram else None, persistent=False)
+        device = _buffer_device(self.weight)
+        self.register_buffer("qb_solution_sum", torch.zeros(num_experts, dtype=torch.float32, device=device)
+                             if exact else None, persistent=False)
+        self.register_buffer("qb_histogram", torch.zeros(num_experts, cfg.quantile_bins, dtype=torch.int64,
+                                                         device=device) if histogram else None, persistent=False)
         # exact: micro-batches solved; histogram: valid tokens behind the histograms (the n of n*K/E)
-        self.register_buffer("qb_observed", torch.zeros((), dtype=torch.int64) if self.quantile else None,
-                             persistent=False)
+        self.register_buffer("qb_observed", torch.zeros((), dtype=torch.int64, device=device)
+                             if self.quantile else None, persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A Megatron-native quantile-balancing checkpoint holds ``qb_beta``: the plugin's bias is -qb_beta."""
@@ -109,11 +119,14 @@ class LossFreeRouter(TopKRouter):
 
     # -- fp32 bias under bf16/fp16 wrappers ---------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
-        """Float16Module casts every floating buffer; the bias must stay fp32 (REFERENCE section 9)."""
-        bias = self.expert_bias
+        """Float16Module casts every floating buffer; the bias must stay fp32 (REFERENCE section 9), and so
+        must the quantile rule's fp32 solution sums."""
+        kept = {name: getattr(self, name, None) for name in ("expert_bias", "qb_solution_sum")}
         module = super()._apply(fn, *args, **kwargs)
-        if bias is not None and self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
+        for name, before in kept.items():
+            after = getattr(self, name, None)
+            if before is not None and after is not None and after.dtype != torch.float32:
+                setattr(self, name, before.to(device=after.device, dtype=torch.float32))
         return module
 
     # -- routing ------------------------------------------------------------------------------------

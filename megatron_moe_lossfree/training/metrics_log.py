@@ -27,9 +27,10 @@ def _by_layer(trainer, rows: torch.Tensor) -> list[list[float]]:
     from megatron.core import parallel_state as ps
 
     routers = trainer.balancer.routers
-    present = torch.ones(len(routers), 1, dtype=torch.float64)
-    table = torch.zeros(trainer.config.num_layers, 1 + rows.shape[1], dtype=torch.float64)
-    table.index_copy_(0, torch.tensor([r.layer_number - 1 for r in routers]),
+    device = rows.device  # the model's device: NCCL reduces GPU tensors only
+    present = torch.ones(len(routers), 1, dtype=torch.float64, device=device)
+    table = torch.zeros(trainer.config.num_layers, 1 + rows.shape[1], dtype=torch.float64, device=device)
+    table.index_copy_(0, torch.tensor([r.layer_number - 1 for r in routers], device=device),
                       torch.cat([present, rows.double()], dim=1))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
@@ -48,7 +49,7 @@ def _stack_or_pad(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     """[n, width] float64: the rows stacked (one op when they have equal widths), zero-padded otherwise."""
     if all(r.numel() == width for r in rows):
         return torch.stack([r.reshape(-1) for r in rows]).double()
-    out = torch.zeros(len(rows), width, dtype=torch.float64)
+    out = torch.zeros(len(rows), width, dtype=torch.float64, device=rows[0].device)
     for i, r in enumerate(rows):
         out[i, : r.numel()] = r.reshape(-1).double()
     return out
@@ -68,7 +69,8 @@ def computation_batch_maxvio(trainer) -> torch.Tensor:
 
     stacks = trainer.balancer.last_micro_batch_counts
     if not stacks or any(s is None for s in stacks):
-        return torch.full((len(stacks),), -1.0, dtype=torch.float64)
+        counts = trainer.balancer.last_counts
+        return torch.full((len(stacks),), -1.0, dtype=torch.float64, device=counts[0].device if counts else None)
     flat = torch.cat([s.flatten() for s in stacks])
     if ps.get_expert_model_parallel_world_size() > 1:
         dist.all_reduce(flat, group=ps.get_expert_model_parallel_group())
@@ -92,12 +94,13 @@ def step_metrics(trainer) -> dict:
     if balancer is None or not balancer.routers or not balancer.last_counts:
         return {}
     routers, counts = balancer.routers, balancer.last_counts
-    width = int(_pp_max(torch.tensor([max(c.numel() for c in counts)]))[0])
+    device = counts[0].device  # the model's device: NCCL reduces GPU tensors only
+    width = int(_pp_max(torch.tensor([max(c.numel() for c in counts)], device=device))[0])
     has_bias = routers[0].expert_bias is not None  # balancing "none" has no bias (the same on every stage)
     # Columns: MaxVio_batch, width, MaxVio_computation (-1: none), loads [width], bias [width].
     columns = [
         _batch_maxvio(counts).view(-1, 1),
-        torch.tensor([[float(c.numel())] for c in counts], dtype=torch.float64),
+        torch.tensor([[float(c.numel())] for c in counts], dtype=torch.float64, device=device),
         computation_batch_maxvio(trainer).view(-1, 1),
         _stack_or_pad(counts, width),
     ]
@@ -147,9 +150,12 @@ def drop_window(trainer) -> tuple[int, int]:
     from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
 
     layers = find_lossfree_layers(trainer.model)
-    totals = torch.zeros(2, dtype=torch.int64)
+    # On the layers' device (NCCL reduces GPU tensors only); read once, below.
+    device = (layers[0].local_dropped.device if layers else
+              torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    totals = torch.zeros(2, dtype=torch.int64, device=device)
     if layers:
-        totals += torch.stack([torch.stack([l.local_dropped, l.local_assigned]) for l in layers]).sum(0).cpu()
+        totals += torch.stack([torch.stack([l.local_dropped, l.local_assigned]) for l in layers]).sum(0)
     for layer in layers:
         layer.reset_drop_counts()
     group = trainer.balancer.group if trainer.balancer is not None else None
@@ -158,7 +164,8 @@ def drop_window(trainer) -> tuple[int, int]:
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
     carried, trainer.drop_carry = trainer.drop_carry, (0, 0)
-    return int(totals[0]) + carried[0], int(totals[1]) + carried[1]
+    dropped, assigned = totals.tolist()
+    return dropped + carried[0], assigned + carried[1]
 
 
 def aux_loss_metrics(trainer) -> dict:

@@ -79,6 +79,10 @@ def build_model(args: argparse.Namespace, config, vocab_size: int):
                      max_sequence_length=args.max_position_embeddings,
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                      position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    if torch.cuda.is_available():
+        # Megatron-LM's get_model does the same: the plugin's buffers (and any module built on the host)
+        # join the parameters on this rank's GPU before DDP and the balancer take views of them.
+        model.cuda(torch.cuda.current_device())
     if args.bf16:
         from megatron.core.transformer.module import Float16Module
 

@@ -97,6 +97,9 @@ class Trainer:
         from megatron_moe_lossfree.megatron import exempt
 
         batch = next(data_iterator)
+        if torch.cuda.is_available():  # Megatron-LM's get_batch: the micro-batch goes to this rank's GPU
+            batch = {key: value if key == "sample_ids" else value.cuda(non_blocking=True)
+                     for key, value in batch.items()}
         # V2 exempt sequences travel with this micro-batch, also into its recompute (exempt.py).
         scope = exempt.begin_micro_batch(model, batch["sample_ids"], step=self.step)
         output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])

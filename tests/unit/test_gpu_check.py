@@ -29,14 +29,18 @@ TE_MISSING = "needs Transformer Engine: pip install 'megatron_moe_lossfree[te]'"
 def expected_plan(have_te: bool):
     return [
         ("card", ["py", "benchmarks/gpu_check.py", "--card"], 45, None),
-        ("gpu-tests", ["py", "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu"], 120, None),
+        ("gpu-tests", ["py", "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu"], 90, None),
         ("train-bf16", PRETRAIN + ["--transformer-impl", "transformer_engine" if have_te else "local",
-                                   "--out", "runs/gpu_check/train-bf16"], 90, None),
+                                   "--out", "runs/gpu_check/train-bf16"], 75, None),
+        ("train-bf16-native", PRETRAIN + ["--transformer-impl", "transformer_engine" if have_te else "local",
+                                          "--megatron-router", "--moe-router-enable-expert-bias",
+                                          "--lossfree-balancing", "none", "--out", "runs/gpu_check/train-bf16-native"],
+         75, None),
         ("train-fp8", PRETRAIN + ["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
-                                  "--fp8-recipe", "tensorwise", "--out", "runs/gpu_check/train-fp8"], 90,
+                                  "--fp8-recipe", "tensorwise", "--out", "runs/gpu_check/train-fp8"], 75,
          None if have_te else TE_MISSING),
-        ("router", ["py", "benchmarks/bench_router.py"], 60, None),
-        ("router-fused", ["py", "benchmarks/bench_router.py", "--megatron-fusion"], 60,
+        ("router", ["py", "benchmarks/bench_router.py"], 45, None),
+        ("router-fused", ["py", "benchmarks/bench_router.py", "--megatron-fusion"], 45,
          None if have_te else TE_MISSING),
     ]
 
@@ -58,14 +62,14 @@ def test_dry_run_prints_the_plan_and_never_imports_torch():
     assert proc.returncode == 0, proc.stderr
     have_te = importlib.util.find_spec("transformer_engine") is not None
     lines = proc.stdout.splitlines()
-    assert lines[0] == (f"gpu-check plan: 6 stages, total budget 480 s (stage timeouts sum to 465 s); "
+    assert lines[0] == (f"gpu-check plan: 7 stages, total budget 480 s (stage timeouts sum to 450 s); "
                         f"run from {ROOT}")
     import shlex
 
-    for line, (name, command, timeout, skip) in zip(lines[1:7], expected_plan(have_te)):
+    for line, (name, command, timeout, skip) in zip(lines[1:8], expected_plan(have_te)):
         command = shlex.join([sys.executable if c == "py" else c for c in command])
         assert line == f"{name} (timeout {timeout} s): {command}" + (f"  [skipped here: {skip}]" if skip else "")
-    assert lines[7:] == ["torch imported: False"]
+    assert lines[8:] == ["torch imported: False"]
 
 
 def test_training_stages_are_valid_mlf_pretrain_commands(monkeypatch):
@@ -80,6 +84,9 @@ def test_training_stages_are_valid_mlf_pretrain_commands(monkeypatch):
     assert (bf16.train_iters, bf16.bf16, bf16.transformer_impl, bf16.fp8_format) == (50, True, "transformer_engine",
                                                                                       None)
     assert (fp8.train_iters, fp8.fp8_format, fp8.fp8_recipe) == (50, "hybrid", "tensorwise")
+    native = parse_args(list(stages["train-bf16-native"].command[4:]))
+    assert (native.train_iters, native.bf16, native.megatron_router, native.moe_router_enable_expert_bias,
+            native.lossfree_balancing) == (50, True, True, True, "none")
     assert bf16.lossfree.balancing == "bias" and fp8.lossfree.balancing == "bias"  # the plugin is on
 
 
@@ -103,6 +110,22 @@ def test_keeps_going_past_a_failed_and_a_timed_out_stage(capsys, monkeypatch):
                     ["| router", "passed"]]
     assert re.search(r"\| router \| passed \| \d+ \| router paired ratio: median over shapes 0.9, max 1.0 \|", out)
     assert re.search(r"\| card \| passed \| \d+ \| memory 1.0 GiB \|", out)
+
+
+def test_a_stage_skipped_for_a_missing_extra_is_named_and_does_not_fail_the_check(capsys):
+    py = sys.executable
+    stages = [
+        gpu_check.Stage("card", (py, "-c", "print('card: Fake GPU')"), 20),
+        gpu_check.Stage("train-fp8", (py, "-c", "raise SystemExit(7)"), 20, skip="needs Transformer Engine"),
+        gpu_check.Stage("router", (py, "-c", "print('ok')"), 20),
+    ]
+    assert gpu_check.run_all(stages) == 0
+    out = capsys.readouterr().out
+    assert "| train-fp8 | skipped: needs Transformer Engine | 0 |  |" in out
+    assert out.splitlines()[-1] == "not verified on this machine (optional extra missing): train-fp8"
+    # The same plan with the router failing: exit 1.
+    stages[2] = gpu_check.Stage("router", (py, "-c", "raise SystemExit(3)"), 20)
+    assert gpu_check.run_all(stages) == 1
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the path of a machine without CUDA")

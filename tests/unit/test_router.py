@@ -110,6 +110,17 @@ def test_bias_stays_fp32_and_exact_under_half_casts(megatron_world):
     assert router.local_tokens_per_expert.dtype == torch.int64
 
 
+def test_quantile_solution_sums_stay_fp32_under_half_casts(megatron_world):
+    """Float16Module's bf16 cast keeps the quantile rule's accumulated solutions fp32 (and exact)."""
+    router = make_router(megatron_world, lossfree=LossFreeConfig(update_rule="quantile"))
+    sums = torch.tensor([1.0001, -2.0003, 0.5, 0.0, 3.0007, -0.25, 1.9999, -4.0001])
+    router.qb_solution_sum.copy_(sums)
+    router.bfloat16()
+    assert router.qb_solution_sum.dtype == torch.float32
+    assert torch.equal(router.qb_solution_sum, sums)
+    assert router.qb_observed.dtype == torch.int64
+
+
 def test_multiplicative_bias_starts_at_one(megatron_world):
     router = make_router(megatron_world, lossfree=LossFreeConfig(bias_kind="multiplicative",
                                                                  update_rule="multiplicative"))

@@ -1,0 +1,80 @@
+"""GPU-only, no Transformer Engine needed: the plugin's router and bias update on CUDA give the exact answer.
+
+Run on a GPU machine: ``pytest -m gpu tests/gpu`` (``make gpu-check`` does). Megatron's router always gates on
+the GPU when there is one (it moves a host-initialised weight there), so the reference is a float64 per-token
+computation on the host from the router's own weight and bias: selection by score + bias (LFB eq. 3), the
+counts, and the sign update b += u * sign(mean - count) (LFB eq. 4).
+"""
+
+import pytest
+import torch
+
+from megatron_moe_lossfree.config import LossFreeConfig
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+H, E, K = 64, 16, 4
+
+
+def _router(lossfree: LossFreeConfig):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from megatron_moe_lossfree.megatron.router import LossFreeRouter
+    from megatron_moe_lossfree.megatron.transformer_config import LossFreeTransformerConfig
+
+    config = LossFreeTransformerConfig(
+        lossfree=lossfree, num_layers=1, hidden_size=H, num_attention_heads=4, num_moe_experts=E,
+        moe_router_topk=K, moe_ffn_hidden_size=32, ffn_hidden_size=32, moe_router_score_function="sigmoid",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, add_bias_linear=False,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
+        moe_router_dtype="fp32")
+    router = LossFreeRouter(config=config, pg_collection=get_default_pg_collection())
+    router.set_layer_number(1)
+    return router
+
+
+def _reference(x_TH, weight_EH, bias_E):
+    """float64 on the host: the selected experts' map and the unbiased, normalised gates."""
+    scores_TE = torch.sigmoid(x_TH.double() @ weight_EH.double().t())
+    experts_TK = (scores_TE + bias_E.double()).topk(K, dim=-1).indices
+    map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(1, experts_TK, True)
+    gates_TE = torch.where(map_TE, scores_TE, 0.0)
+    return map_TE, gates_TE / gates_TE.sum(-1, keepdim=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_router_and_sign_update_on_cuda_are_exact(megatron_world):
+    from megatron_moe_lossfree.megatron.balancer import BiasBalancer
+
+    u = 1e-3
+    router = _router(LossFreeConfig(update_rule="sign", update_rate=u)).cuda()
+    assert router.expert_bias.is_cuda and router.local_tokens_per_expert.is_cuda
+    balancer = BiasBalancer([router], LossFreeConfig(update_rule="sign", update_rate=u), group=None, topk=K)
+    bias_E = torch.zeros(E, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x = torch.randn(32, 4, H, generator=generator)
+        probs_TE, map_TE = router(x.cuda().requires_grad_())[:2]
+        want_map, want_probs = _reference(x.view(-1, H), router.weight.detach().cpu(), bias_E)
+        assert torch.equal(map_TE.cpu(), want_map)
+        torch.testing.assert_close(probs_TE.double().cpu(), want_probs, rtol=1e-5, atol=1e-6)
+        counts_E = want_map.sum(0)
+        assert torch.equal(router.local_tokens_per_expert.cpu(), counts_E)
+        balancer([torch.nn.ModuleList([router])], None)
+        bias_E = bias_E + u * torch.sign(counts_E.sum() / E - counts_E).float()
+        assert torch.equal(router.expert_bias.cpu(), bias_E)  # +-u steps: bit-identical
+    assert router.expert_bias.is_cuda and router.expert_bias.dtype == torch.float32
+    assert float(bias_E.abs().sum()) > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bf16_model_keeps_fp32_bias_and_quantile_sums_on_the_gpu(megatron_world):
+    """Float16Module's cast on the GPU: the bias and the quantile rule's solution sums stay fp32 there."""
+    router = _router(LossFreeConfig(update_rule="quantile")).cuda().bfloat16()
+    for name in ("expert_bias", "qb_solution_sum"):
+        buffer = getattr(router, name)
+        assert buffer.is_cuda and buffer.dtype == torch.float32, name
+    probs_TE, map_TE = router(torch.randn(8, 2, H, device="cuda", dtype=torch.bfloat16, requires_grad=True))[:2]
+    assert int(map_TE.sum()) == 16 * K and int(router.local_tokens_per_expert.sum()) == 16 * K
