@@ -229,16 +229,22 @@ def count_tokens_per_expert(
 ) -> torch.Tensor:
     """int64 [E]: assignments per expert. Counted from the routing decision; pass ``keep_TK``
     only to count what survived dropping (the bias update must count BEFORE dropping,
-    REFERENCE section 1)."""
+    REFERENCE section 1) or to leave out padding.
+
+    A scatter-add of ones (of the keep mask) rather than ``bincount`` or boolean indexing: both of those
+    synchronise with the host on CUDA (bincount reads the input's range, indexing the selected size),
+    and this runs in every router call."""
     experts_N = experts_TK.reshape(-1).long()
-    if keep_TK is not None:
-        if keep_TK.shape != experts_TK.shape:
-            raise LossFreeConfigError(
-                f"keep_TK shape {tuple(keep_TK.shape)} must equal experts_TK shape "
-                f"{tuple(experts_TK.shape)}: pass the keep mask of these assignments"
-            )
-        experts_N = experts_N[keep_TK.reshape(-1).bool()]
-    return torch.bincount(experts_N, minlength=num_experts).long()
+    if keep_TK is None:
+        ones_N = torch.ones_like(experts_N)
+    elif keep_TK.shape != experts_TK.shape:
+        raise LossFreeConfigError(
+            f"keep_TK shape {tuple(keep_TK.shape)} must equal experts_TK shape "
+            f"{tuple(experts_TK.shape)}: pass the keep mask of these assignments"
+        )
+    else:
+        ones_N = keep_TK.reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=experts_N.device).scatter_add_(0, experts_N, ones_N)
 
 
 # --------------------------------------------------------------------------------------------------

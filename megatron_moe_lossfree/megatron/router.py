@@ -9,7 +9,7 @@ Forward, in phases (Megatron's ``TopKRouter.routing`` order; Megatron's flags pe
 3. experts_TK = biased top-K (LFB Alg. 1: bias for selection only) on scores, or on logits for the quantile
    rule in Megatron's space; through Megatron's RouterReplay when replay is on. The quantile rule's top-(K+1)
    also gives each token's cutoff, and its per-micro-batch statistic is taken here.
-4. counts_E += bincount(experts_TK) of the non-padding tokens -- BEFORE any dropping, int64, only in a
+4. counts_E += a scatter-add count of experts_TK over the non-padding tokens -- BEFORE any dropping, int64, only in a
    training forward with grad enabled, so eval, no-grad forwards and the no-grad first pass of activation
    recompute never count, and the recompute pass in backward counts each token exactly once.
 5. gates with Megatron's arithmetic and dtype; the plugin's balance losses (classic, V3 sequence-wise, V2
@@ -144,9 +144,8 @@ class LossFreeRouter(TopKRouter):
         if not (training or not self.training):
             return
         with torch.no_grad():
-            if valid_T is not None:
-                experts_TK = experts_TK[valid_T]
-            counts_E = routing.count_tokens_per_expert(experts_TK, self.config.num_moe_experts)
+            keep_TK = None if valid_T is None else valid_T.unsqueeze(1).expand_as(experts_TK)
+            counts_E = routing.count_tokens_per_expert(experts_TK, self.config.num_moe_experts, keep_TK)
             if training:
                 self.local_tokens_per_expert += counts_E
                 self.micro_batch_counts.append(counts_E)

@@ -78,3 +78,26 @@ def test_bf16_model_keeps_fp32_bias_and_quantile_sums_on_the_gpu(megatron_world)
         assert buffer.is_cuda and buffer.dtype == torch.float32, name
     probs_TE, map_TE = router(torch.randn(8, 2, H, device="cuda", dtype=torch.bfloat16, requires_grad=True))[:2]
     assert int(map_TE.sum()) == 16 * K and int(router.local_tokens_per_expert.sum()) == 16 * K
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("padded", [False, True])
+def test_router_forward_backward_never_waits_for_the_host(megatron_world, padded):
+    """No host synchronisation in a counting forward + backward (bincount and boolean indexing would add
+    one per router call, stalling the launch queue of every MoE layer)."""
+    router = _router(LossFreeConfig(update_rule="sign")).cuda()
+    x = torch.randn(64, 2, H, device="cuda", requires_grad=True)
+    pad = torch.zeros(64, 2, dtype=torch.bool, device="cuda")
+    pad[-5:] = True
+    kwargs = {"padding_mask": pad} if padded else {}
+    router(x, **kwargs)[0].sum().backward()  # first call: allocations, Megatron's lazy weight move
+    torch.cuda.synchronize()
+    router.local_tokens_per_expert.zero_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probs_TE = router(x, **kwargs)[0]
+        probs_TE.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(router.local_tokens_per_expert.sum()) == (128 - (10 if padded else 0)) * K
