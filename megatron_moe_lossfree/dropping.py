@@ -163,7 +163,9 @@ def _rank_within_owner(owner_N: torch.Tensor, order_N: torch.Tensor, num_owners:
     start offset turns global positions into per-owner ranks. No loop over tokens.
     """
     by_owner = order_N[torch.sort(owner_N[order_N], stable=True).indices]
-    counts = torch.bincount(owner_N, minlength=num_owners)
+    # A scatter-add, not bincount: bincount waits for the host on CUDA (it reads the input's range).
+    counts = torch.zeros(num_owners, dtype=torch.int64, device=owner_N.device).scatter_add_(
+        0, owner_N, torch.ones_like(owner_N))
     starts = torch.cumsum(counts, dim=0) - counts
     position = torch.arange(owner_N.numel(), device=owner_N.device)
     rank_N = torch.empty_like(position)
