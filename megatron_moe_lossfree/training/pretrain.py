@@ -42,12 +42,16 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    bind = {}
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        bind = {"device_id": torch.device("cuda", local_rank)}  # NCCL then never guesses the rank's GPU
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **bind)
     else:  # one process: a private rendezvous, without leaking RANK/MASTER_PORT to child processes
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                **bind)
 
 
 def check_world(args: argparse.Namespace, world: int) -> None:
