@@ -2,7 +2,8 @@
 # Exact command: MEGATRON_LM=/path/to/Megatron-LM bash examples/megatron_lm/run_gpu.sh [NUM_GPUS]
 # Hardware: 1, 2, 4 or 8 NVIDIA GPUs (EP = NUM_GPUS divides the 8 experts), CUDA torch, Transformer Engine, Megatron-LM's own requirements, this package
 # installed (pip install -e .). Prints Megatron-LM's log and the launcher's "lossfree:" summary lines.
-# Status: NOT yet run (no GPU machine was available); the CPU variant run_cpu.sh is the verified one.
+# Status: NOT yet run (the one GPU machine lent so far had no Megatron-LM checkout or Transformer Engine);
+# the CPU variant run_cpu.sh is the verified one.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 NGPU=${1:-1}
