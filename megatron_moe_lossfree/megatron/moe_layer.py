@@ -56,6 +56,7 @@ from megatron_moe_lossfree.config import LossFreeConfig, flag
 from megatron_moe_lossfree.errors import LossFreeConfigError
 from megatron_moe_lossfree.dropping import ExemptContext
 from megatron_moe_lossfree.megatron.dropin import resolve_lossfree
+from megatron_moe_lossfree.megatron.router import buffer_device
 
 
 class DroppingWarning(UserWarning):
@@ -88,8 +89,10 @@ class LossFreeMoELayer(MoELayer):
             self.token_dispatcher = self.dropping_dispatcher
         # Assignments (token, expert) seen and dropped in training forwards with grad since the last
         # reset_drop_counts(): the drop fraction of the log (metrics_log.drop_metrics).
-        self.register_buffer("local_assigned", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("local_dropped", torch.zeros((), dtype=torch.int64), persistent=False)
+        # Where Megatron registers its router's buffers: the current GPU (the host without CUDA).
+        device = buffer_device(self.router.weight)
+        self.register_buffer("local_assigned", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("local_dropped", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         # Set per micro-batch by exempt.begin_micro_batch (and re-set before its recompute).
         self.exempt_context: Optional[ExemptContext] = None
         self.last_keep_TK: Optional[torch.Tensor] = None

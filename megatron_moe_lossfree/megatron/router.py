@@ -43,7 +43,7 @@ class NonFiniteRouterError(FloatingPointError):
     """Router logits or counts are NaN/inf: names the layer (and step when known)."""
 
 
-def _buffer_device(weight: torch.Tensor):
+def buffer_device(weight: torch.Tensor):
     """Where the router's buffers live: Megatron's router registers its own on the current GPU (and moves a
     host-initialised weight there at its first forward), so the plugin's join them; the weight's device
     (the host) without CUDA."""
@@ -63,7 +63,7 @@ class LossFreeRouter(TopKRouter):
         # balancer hides moe_router_enable_expert_bias from Megatron's finalize: one owner).
         initial = 1.0 if self.lossfree.bias_kind == "multiplicative" else 0.0
         del self.expert_bias, self.local_tokens_per_expert
-        device = _buffer_device(self.weight)
+        device = buffer_device(self.weight)
         self.register_buffer("expert_bias", torch.full((num_experts,), initial, dtype=torch.float32,
                                                        device=device) if use_bias else None)
         self.register_buffer("local_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64,
@@ -101,7 +101,7 @@ class LossFreeRouter(TopKRouter):
         self.quantile = cfg.balancing == "bias" and cfg.update_rule == "quantile"
         exact = self.quantile and cfg.quantile_estimator == "exact"
         histogram = self.quantile and cfg.quantile_estimator == "histogram"
-        device = _buffer_device(self.weight)
+        device = buffer_device(self.weight)
         self.register_buffer("qb_solution_sum", torch.zeros(num_experts, dtype=torch.float32, device=device)
                              if exact else None, persistent=False)
         self.register_buffer("qb_histogram", torch.zeros(num_experts, cfg.quantile_bins, dtype=torch.int64,
