@@ -164,8 +164,9 @@ def plot_scatter(points: Sequence[Point], path: str, title: str = "") -> None:
         # Logarithmic above 0.01, linear below: a floor of 0 (the oracle's, typically) stays on the axis.
         ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
         ax.set_xlim(-0.002, 1.5 * max(positive))
-    ax.set(title=title or "Validation perplexity vs MaxVio_global (dots: seeds; large marks: arm means)",
-           xlabel="MaxVio_global (LFB Eq. 4, mean over MoE layers)", ylabel="validation perplexity")
+    # The figure's title, not the axes': centred on the figure, it is never cut by the legend beside the axes.
+    fig.suptitle(title or "Validation perplexity vs MaxVio_global (dots: seeds; large marks: arm means)")
+    ax.set(xlabel="MaxVio_global (LFB Eq. 4, mean over MoE layers)", ylabel="validation perplexity")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="x-small", ncol=2 if len(suites) > 1 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=120)
