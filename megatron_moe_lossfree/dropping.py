@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moe_lossfree.errors import LossFreeConfigError
-from megatron_moe_lossfree.routing import lookup_choice
+from megatron_moe_lossfree.routing import count_tokens_per_expert, lookup_choice
 
 # --------------------------------------------------------------------------------------------------
 # Capacities
@@ -163,9 +163,7 @@ def _rank_within_owner(owner_N: torch.Tensor, order_N: torch.Tensor, num_owners:
     start offset turns global positions into per-owner ranks. No loop over tokens.
     """
     by_owner = order_N[torch.sort(owner_N[order_N], stable=True).indices]
-    # A scatter-add, not bincount: bincount waits for the host on CUDA (it reads the input's range).
-    counts = torch.zeros(num_owners, dtype=torch.int64, device=owner_N.device).scatter_add_(
-        0, owner_N, torch.ones_like(owner_N))
+    counts = count_tokens_per_expert(owner_N, num_owners)  # assignments per owner, without a host sync
     starts = torch.cumsum(counts, dim=0) - counts
     position = torch.arange(owner_N.numel(), device=owner_N.device)
     rank_N = torch.empty_like(position)

@@ -99,26 +99,17 @@ def test_softmax_with_bias_is_allowed(megatron_world):
     torch.testing.assert_close(probs_TE.sum(-1), torch.ones(6))
 
 
-def test_bias_stays_fp32_and_exact_under_half_casts(megatron_world):
-    router = make_router(megatron_world)
+@pytest.mark.parametrize("rule,name", [("sign", "expert_bias"), ("quantile", "qb_solution_sum")])
+def test_fp32_state_stays_fp32_and_exact_under_half_casts(megatron_world, rule, name):
+    """Float16Module's bf16 cast keeps the bias (and the quantile rule's solution sums) fp32 and exact."""
+    router = make_router(megatron_world, lossfree=LossFreeConfig(update_rule=rule))
     values = torch.tensor([0.0011, -0.0023, 0.0007, 0.0, 0.0031, -0.0001, 0.0019, -0.0042])
-    router.expert_bias.copy_(values)
+    getattr(router, name).copy_(values)
     router.bfloat16()
-    assert router.expert_bias.dtype == torch.float32
-    assert torch.equal(router.expert_bias, values)
+    assert getattr(router, name).dtype == torch.float32
+    assert torch.equal(getattr(router, name), values)
     assert router.weight.dtype == torch.bfloat16
     assert router.local_tokens_per_expert.dtype == torch.int64
-
-
-def test_quantile_solution_sums_stay_fp32_under_half_casts(megatron_world):
-    """Float16Module's bf16 cast keeps the quantile rule's accumulated solutions fp32 (and exact)."""
-    router = make_router(megatron_world, lossfree=LossFreeConfig(update_rule="quantile"))
-    sums = torch.tensor([1.0001, -2.0003, 0.5, 0.0, 3.0007, -0.25, 1.9999, -4.0001])
-    router.qb_solution_sum.copy_(sums)
-    router.bfloat16()
-    assert router.qb_solution_sum.dtype == torch.float32
-    assert torch.equal(router.qb_solution_sum, sums)
-    assert router.qb_observed.dtype == torch.int64
 
 
 def test_multiplicative_bias_starts_at_one(megatron_world):
