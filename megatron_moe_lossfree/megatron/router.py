@@ -43,11 +43,14 @@ class NonFiniteRouterError(FloatingPointError):
     """Router logits or counts are NaN/inf: names the layer (and step when known)."""
 
 
-def buffer_device(weight: torch.Tensor):
+def buffer_device(weight: Optional[torch.Tensor] = None):
     """Where the router's buffers live: Megatron's router registers its own on the current GPU (and moves a
     host-initialised weight there at its first forward), so the plugin's join them; the weight's device
-    (the host) without CUDA."""
-    return torch.cuda.current_device() if torch.cuda.is_available() else weight.device
+    (the host) without CUDA, and the host when no weight is given (a stage without MoE layers that still
+    joins a metric collective)."""
+    if torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return weight.device if weight is not None else torch.device("cpu")
 
 
 class LossFreeRouter(TopKRouter):

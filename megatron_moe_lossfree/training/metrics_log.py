@@ -148,11 +148,11 @@ def drop_window(trainer) -> tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
+    from megatron_moe_lossfree.megatron.router import buffer_device
 
     layers = find_lossfree_layers(trainer.model)
     # On the layers' device (NCCL reduces GPU tensors only); read once, below.
-    device = (layers[0].local_dropped.device if layers else
-              torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    device = layers[0].local_dropped.device if layers else buffer_device()
     totals = torch.zeros(2, dtype=torch.int64, device=device)
     if layers:
         totals += torch.stack([torch.stack([l.local_dropped, l.local_assigned]) for l in layers]).sum(0)

@@ -112,6 +112,19 @@ def test_fp32_state_stays_fp32_and_exact_under_half_casts(megatron_world, rule, 
     assert router.local_tokens_per_expert.dtype == torch.int64
 
 
+def test_buffers_live_where_megatron_puts_its_own(megatron_world, monkeypatch):
+    """Without CUDA the buffers follow the weight (the host); with CUDA they go to the current GPU, where
+    Megatron registers its router buffers, and a stage with no router still gets that device."""
+    from megatron_moe_lossfree.megatron.router import buffer_device
+
+    router = make_router(megatron_world)
+    assert router.expert_bias.device == router.weight.device == buffer_device(router.weight)
+    assert buffer_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert buffer_device(router.weight) == buffer_device() == 3
+
+
 def test_multiplicative_bias_starts_at_one(megatron_world):
     router = make_router(megatron_world, lossfree=LossFreeConfig(bias_kind="multiplicative",
                                                                  update_rule="multiplicative"))
