@@ -82,12 +82,8 @@ def expert_keep_mask(
     _check_assignments(gates_TK, experts_TK)
     num_tokens, topk = experts_TK.shape
     capacity = expert_capacity(num_tokens, topk, num_experts, capacity_factor)
+    _check_expert_ids(experts_TK, num_experts)
     owner_N = experts_TK.reshape(-1).long()
-    if owner_N.numel() and int(owner_N.max()) >= num_experts:
-        raise LossFreeConfigError(
-            f"experts_TK holds expert {int(owner_N.max())} but num_experts is {num_experts}: "
-            f"pass the layer's number of experts"
-        )
     order_N = order_fn(gates_TK.detach().reshape(-1))
     rank_N = _rank_within_owner(owner_N, order_N, num_experts)
     return (rank_N < capacity).view(num_tokens, topk)
@@ -120,35 +116,32 @@ def device_keep_mask(
         experts: [T, K] expert ids.
         exempt: bool [T] (tokens of exempt sequences) or None.
         num_experts: E. If None, inferred as the smallest multiple of num_devices greater than
-            experts.max(); pass it whenever the last device may have received no token.
+            experts.max() (a read of the ids on the host, which waits for a GPU); pass it whenever the
+            last device may have received no token, and on a GPU.
     Returns:
         bool [T, K], True = keep.
     """
     gates_TK, experts_TK = gates, experts
     _check_assignments(gates_TK, experts_TK)
     num_tokens, topk = experts_TK.shape
-    max_expert = int(experts_TK.max()) if experts_TK.numel() else 0
     if num_devices < 1:
         raise LossFreeConfigError(
             f"num_devices ({num_devices}) must be >= 1: pass the expert-parallel size"
         )
     if num_experts is None:
+        max_expert = int(experts_TK.max()) if experts_TK.numel() else 0
         num_experts = (max_expert // num_devices + 1) * num_devices
     if num_experts % num_devices != 0:
         raise LossFreeConfigError(
             f"num_devices ({num_devices}) must divide num_experts ({num_experts}): "
             f"choose a divisor of {num_experts}"
         )
-    if max_expert >= num_experts:
-        raise LossFreeConfigError(
-            f"experts holds expert {max_expert} but num_experts is {num_experts}: "
-            f"pass the layer's number of experts"
-        )
+    _check_expert_ids(experts_TK, num_experts)
     exempt_T = _check_exempt(exempt, num_tokens, gates_TK.device)
     budget = device_budget(num_tokens, topk, num_devices, capacity_factor)
 
     device_N = experts_TK.reshape(-1).long() // (num_experts // num_devices)
-    exempt_N = exempt_T.repeat_interleave(topk)
+    exempt_N = exempt_T.unsqueeze(1).expand(-1, topk).reshape(-1)  # token-major, like experts_TK
     # Priority within a device: exempt first, then highest gate, then earliest (stable sorts).
     order_N = order_by_gate(gates_TK.detach().reshape(-1))
     order_N = order_N[torch.sort((~exempt_N[order_N]).to(torch.uint8), stable=True).indices]
@@ -267,6 +260,20 @@ def _check_assignments(gates_TK: torch.Tensor, experts_TK: torch.Tensor) -> None
         raise LossFreeConfigError(
             f"gates shape {tuple(gates_TK.shape)} and experts shape {tuple(experts_TK.shape)} "
             f"must both be [T, K]: pass select_experts' outputs"
+        )
+
+
+def _check_expert_ids(experts_TK: torch.Tensor, num_experts: int) -> None:
+    """Every id in [0, num_experts). Read on the host only: reading a GPU tensor's values waits for the
+    device and stalls the launch queue of every MoE layer, and there the ids are the router's own top-k
+    over num_experts columns (an id out of range would stop the scatter-add with a device-side assert)."""
+    if experts_TK.device.type != "cpu" or not experts_TK.numel():
+        return
+    low, high = int(experts_TK.min()), int(experts_TK.max())
+    if low < 0 or high >= num_experts:
+        raise LossFreeConfigError(
+            f"experts holds expert {low if low < 0 else high} but num_experts is {num_experts}: "
+            f"pass the layer's number of experts"
         )
 
 

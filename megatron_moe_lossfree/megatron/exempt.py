@@ -39,10 +39,14 @@ from megatron_moe_lossfree.megatron.moe_layer import find_lossfree_layers
 __all__ = ["ExemptContext", "MicroBatchScope", "begin_micro_batch", "make_context"]
 
 
-def make_context(sample_ids_B: torch.Tensor, *, step: int, seed: int, fraction: float) -> ExemptContext:
-    """The exempt flags of one micro-batch (``dropping.select_exempt_sequences``)."""
+def make_context(sample_ids_B: torch.Tensor, *, step: int, seed: int, fraction: float,
+                 device=None) -> ExemptContext:
+    """The exempt flags of one micro-batch (``dropping.select_exempt_sequences``), on ``device`` (the MoE
+    layers' device: one host-to-GPU copy per micro-batch, not one per layer; None: the host)."""
     sample_ids_B = torch.as_tensor(sample_ids_B).detach().cpu()
     exempt_B = dropping.select_exempt_sequences(sample_ids_B, seed=seed, step=step, fraction=fraction)
+    if device is not None:
+        exempt_B = exempt_B.to(device)
     return ExemptContext(step=int(step), sample_ids_B=sample_ids_B, exempt_B=exempt_B)
 
 
@@ -79,5 +83,6 @@ def begin_micro_batch(model_chunks, sample_ids_B: torch.Tensor, *, step: int) ->
     context = None
     if layers:
         cfg = layers[0].lossfree
-        context = make_context(sample_ids_B, step=step, seed=cfg.seed, fraction=cfg.exempt_fraction)
+        context = make_context(sample_ids_B, step=step, seed=cfg.seed, fraction=cfg.exempt_fraction,
+                               device=layers[0].local_assigned.device)
     return MicroBatchScope(context, layers)

@@ -218,7 +218,7 @@ class LossFreeMoELayer(MoELayer):
         """Called for training forwards with grad only (the router's counting rule): once per token
         and step, also under activation recompute (its first, no-grad forward is not counted)."""
         self.local_assigned += keep_TK.numel()
-        self.local_dropped += int((~keep_TK).sum())
+        self.local_dropped += (~keep_TK).sum()  # a device add: no wait for the host
 
     def reset_drop_counts(self) -> None:
         self.local_assigned.zero_()
@@ -226,9 +226,13 @@ class LossFreeMoELayer(MoELayer):
 
 
 def selected_experts(routing_map_TE: torch.Tensor, topk: int) -> torch.Tensor:
-    """experts_TK (ascending ids) from a drop-free routing map with exactly K experts per token."""
+    """experts_TK (ascending ids) from a drop-free routing map with exactly K experts per token.
+
+    The plugin's router always selects K (Megatron's own dropping is refused beside the plugin's, dropin.py).
+    The count is checked on host tensors only: on a GPU the check would wait for the device in every MoE layer.
+    """
     per_token = routing_map_TE.sum(dim=1)
-    if not bool((per_token == topk).all()):
+    if routing_map_TE.device.type == "cpu" and not bool((per_token == topk).all()):
         raise RuntimeError(
             f"dropping needs exactly moe_router_topk ({topk}) experts per token before dropping, got "
             f"between {int(per_token.min())} and {int(per_token.max())}: use the plugin's router")

@@ -101,3 +101,50 @@ def test_router_forward_backward_never_waits_for_the_host(megatron_world, padded
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(router.local_tokens_per_expert.sum()) == (128 - (10 if padded else 0)) * K
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dropping_masks_on_cuda_equal_the_host_and_never_wait_for_it():
+    """The plugin's part of a dropping layer (reading the selected experts, the expert- and device-level
+    keep masks, the drop counter) gives the host's masks bit for bit on the GPU, with no host sync: value
+    checks run on host tensors only. (Megatron's dropping dispatcher itself syncs once per layer to size
+    its permutation; that one is Megatron's.)"""
+    from types import SimpleNamespace
+
+    from megatron_moe_lossfree import dropping
+    from megatron_moe_lossfree.megatron.moe_layer import LossFreeMoELayer, selected_experts
+
+    generator = torch.Generator().manual_seed(0)
+    scores_TE = torch.rand(256, E, generator=generator)
+    scores_TE[:, :3] += 0.5  # three popular experts, so both masks drop
+    experts_TK = scores_TE.topk(K, dim=-1).indices
+    map_TE = torch.zeros(256, E, dtype=torch.bool).scatter_(1, experts_TK, True)
+    gates_TE = torch.where(map_TE, scores_TE, 0.0)
+    exempt_T = torch.rand(256, generator=generator) < 0.1
+
+    def masks(map_TE, gates_TE, exempt_T):
+        experts = selected_experts(map_TE, K)
+        gates = gates_TE.gather(1, experts)
+        return [experts,
+                dropping.expert_keep_mask(gates, experts, num_experts=E, capacity_factor=1.0),
+                dropping.expert_keep_mask(gates, experts, num_experts=E, capacity_factor=1.0, policy="position"),
+                dropping.device_keep_mask(gates, experts, num_devices=4, capacity_factor=1.0, exempt=exempt_T,
+                                          num_experts=E)]
+
+    want = masks(map_TE, gates_TE, exempt_T)
+    assert 0 < int((~want[1]).sum()) and 0 < int((~want[3]).sum())
+    on_gpu = [t.cuda() for t in (map_TE, gates_TE, exempt_T)]
+    masks(*on_gpu)  # first call: allocations
+    counters = SimpleNamespace(local_assigned=torch.zeros((), dtype=torch.int64, device="cuda"),
+                               local_dropped=torch.zeros((), dtype=torch.int64, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = masks(*on_gpu)
+        LossFreeMoELayer.count_drops(counters, got[3])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name, g, w in zip(("experts", "expert mask", "expert mask, position", "device mask"), got, want):
+        assert torch.equal(g.cpu(), w), name
+    assert int(counters.local_dropped) == int((~want[3]).sum()) and int(counters.local_assigned) == 256 * K

@@ -203,6 +203,17 @@ def test_device_mask_validation():
         expert_keep_mask(gates_TK, experts_TK, num_experts=6, capacity_factor=1.0, policy="random")
 
 
+@pytest.mark.parametrize("bad", [6, -1])
+def test_expert_ids_outside_the_layer_are_refused_by_both_masks(bad):
+    gates_TK, experts_TK = torch.rand(4, 2), torch.tensor([[0, 1], [2, 3], [4, 5], [0, 5]])
+    experts_TK[2, 1] = bad
+    message = f"experts holds expert {bad} but num_experts is 6: pass the layer's number of experts"
+    with raises_exactly(message):
+        expert_keep_mask(gates_TK, experts_TK, num_experts=6, capacity_factor=1.0)
+    with raises_exactly(message):
+        device_keep_mask(gates_TK, experts_TK, num_devices=2, capacity_factor=1.0, exempt=None, num_experts=6)
+
+
 def test_splitmix64_reference_values():
     # Known first outputs of splitmix64 seeded with 0 (Vigna's reference implementation).
     assert _splitmix64(0) == 0xE220A8397B1DCDAF

@@ -398,6 +398,17 @@ def test_device_mode_on_one_ep_rank_warns_and_accepts_args(megatron_world):
         validate_dropping(args)
 
 
+def test_selected_experts_reads_ascending_ids_and_refuses_a_map_without_k_per_token():
+    from megatron_moe_lossfree.megatron.moe_layer import selected_experts
+
+    map_TE = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(selected_experts(map_TE, 2), torch.tensor([[1, 3], [0, 1], [2, 3]]))
+    map_TE[1, 0] = False
+    with pytest.raises(RuntimeError, match=r"^dropping needs exactly moe_router_topk \(2\) experts per token "
+                                           r"before dropping, got between 1 and 2: use the plugin's router$"):
+        selected_experts(map_TE, 2)
+
+
 def test_layer_refuses_device_padding_at_construction(megatron_world):
     with pytest.raises(LossFreeConfigError, match=r"--lossfree-pad-to-capacity \(True\) is not supported"):
         build_layer(make_config(LossFreeConfig(balancing="none", drop="device", capacity_factor=1.0,
