@@ -57,10 +57,13 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         # A job resumed from step S logs steps S+1 onwards again: the rows (and TensorBoard events) an
-        # interrupted job wrote after its step-S checkpoint are removed, so every step appears once.
-        # TensorBoard's own purge_step does it for the events; ``truncate_jsonl`` for the JSONL.
+        # interrupted job wrote after its step-S checkpoint are removed, so every step appears once; a
+        # fresh job (S = 0) in an old run's directory hides all of that run's steps the same way.
+        # TensorBoard's own purge_step does it for the events; ``truncate_jsonl`` for the JSONL. A
+        # --tensorboard-dir of the user's may be shared by runs: a fresh job leaves it as Megatron does.
+        purge = start_step > 0 or tensorboard_dir is None
         self.writer = SummaryWriter(log_dir=tensorboard_dir or os.path.join(out_dir, "tensorboard"),
-                                    purge_step=start_step + 1 if start_step > 0 else None)
+                                    purge_step=start_step + 1 if purge else None)
         jsonl_path = os.path.join(out_dir, "metrics.jsonl")
         dropped = truncate_jsonl(jsonl_path, last_step=start_step)
         if dropped and start_step:
@@ -68,7 +71,8 @@ class RunLogger:
                   f"job resumes from (an interrupted job's; they are logged again)", flush=True)
         elif dropped:
             print(f"metrics.jsonl: removed {dropped} row(s) of an earlier run in {out_dir} (this job starts "
-                  f"at step 0 without --load; pass --load to continue that run)", flush=True)
+                  f"at step 0 without --load; pass --load to continue that run)"
+                  f"{'; TensorBoard hides its events too' if purge else ''}", flush=True)
         self.jsonl = open(jsonl_path, "a", buffering=1)
         if progress:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",

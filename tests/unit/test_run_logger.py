@@ -54,5 +54,24 @@ def test_a_fresh_job_in_an_old_runs_directory_says_it_replaced_its_rows(tmp_path
     capsys.readouterr()
     log_steps(tmp_path, 0, [1], loss=lambda s: 5.0)
     assert (f"metrics.jsonl: removed 3 row(s) of an earlier run in {tmp_path} (this job starts at step 0 "
-            "without --load; pass --load to continue that run)") in capsys.readouterr().out
+            "without --load; pass --load to continue that run); TensorBoard hides its events too"
+            ) in capsys.readouterr().out
     assert rows(tmp_path / "metrics.jsonl") == [("train", 1, 5.0)]
+    # TensorBoard shows the new run only: the old run's events (steps 1 and 2) are purged, as the rows are.
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 5.0)]
+    assert [(e.step, e.value) for e in events.Scalars("valid/loss")] == []
+
+
+def test_a_fresh_job_leaves_a_shared_tensorboard_dir_as_megatron_does(tmp_path):
+    """--tensorboard-dir is the user's and may hold other runs: only a resumed job purges there."""
+    shared = tmp_path / "tb"
+    for out, loss in (("a", 1.0), ("b", 2.0)):
+        log = RunLogger(str(tmp_path / out), enabled=True, total_steps=1, start_step=0, progress=False,
+                        tensorboard_dir=str(shared))
+        log.record(1, "train", {"loss": loss})
+        log.close()
+    events = EventAccumulator(str(shared))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (1, 2.0)]
