@@ -110,6 +110,8 @@ def test_fp32_state_stays_fp32_and_exact_under_half_casts(megatron_world, rule, 
     assert torch.equal(getattr(router, name), values)
     assert router.weight.dtype == torch.bfloat16
     assert router.local_tokens_per_expert.dtype == torch.int64
+    if rule == "quantile":
+        assert router.qb_observed.dtype == torch.int64
 
 
 def test_buffers_live_where_megatron_puts_its_own(megatron_world, monkeypatch):
