@@ -48,7 +48,9 @@ class LossFreeConfig:
     update_rule: UpdateRule = "sign"
     """Bias update rule, a key of ``balancing.UPDATE_RULES`` (LFB section 3 / Tables 3-4). Default: sign."""
     update_rate: float = 1e-3
-    """u, the bias update rate. LFB and V3 use 1e-3."""
+    """u, the bias update rate. LFB and V3 use 1e-3. 0: a fixed bias, used for selection, saved and loaded,
+    never moved (loads are still counted and MaxVio logged): Megatron's ``moe_router_bias_update_rate 0``
+    (GLM-4.5's recipes keep a bias loaded from the checkpoint fixed)."""
     rate_schedule: RateScheduleName = "constant"
     """"constant": u every step; "v3": u until ``freeze_bias_after_tokens`` tokens, then 0 (V3 4.2)."""
     freeze_bias_after_tokens: Optional[int] = None
@@ -132,9 +134,9 @@ def _violations(cfg: LossFreeConfig):
         if value not in choices:
             yield f"{flag(name)} ({value!r}) is not a valid choice: use one of {', '.join(choices)}"
     if cfg.balancing == "bias":
-        if not math.isfinite(cfg.update_rate) or cfg.update_rate <= 0:
-            yield (f"{flag('update_rate')} ({cfg.update_rate}) must be > 0 with bias balancing: "
-                   f"use e.g. 1e-3 (the paper's value), or --lossfree-balancing none")
+        if not math.isfinite(cfg.update_rate) or cfg.update_rate < 0:
+            yield (f"{flag('update_rate')} ({cfg.update_rate}) must be >= 0 with bias balancing: use e.g. "
+                   f"1e-3 (the paper's value), 0 for a fixed bias, or --lossfree-balancing none")
         if cfg.rate_schedule == "v3" and not (cfg.freeze_bias_after_tokens or 0) > 0:
             yield (f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be a positive "
                    f"token count with {flag('rate_schedule')} v3")
@@ -147,7 +149,7 @@ def _violations(cfg: LossFreeConfig):
             yield f"{flag('quantile_margin')} ({cfg.quantile_margin}) must be a finite number > 0, e.g. 1.0"
         if (cfg.update_rule == "multiplicative") != (cfg.bias_kind == "multiplicative"):
             yield (f"{flag('update_rule')} ({cfg.update_rule}) and {flag('bias_kind')} ({cfg.bias_kind}) "
-                   f"disagree: the multiplicative rule goes with the multiplicative bias kind (LFB Table 4); "
+                   f"disagree: the multiplicative rule goes with the multiplicative bias kind (LFB Table 4), so "
                    f"set both to multiplicative or neither")
     if cfg.freeze_bias_after_tokens is not None and cfg.freeze_bias_after_tokens < 0:
         yield f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be >= 0"

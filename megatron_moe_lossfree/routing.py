@@ -55,7 +55,8 @@ SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def compute_scores(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
     """Apply the named score function in fp32 (upcast: bf16 sigmoid/softmax loses the small gaps
-    between experts that the bias is meant to shift). Returns fp32 scores_TE."""
+    between experts that the bias is meant to shift). Returns fp32 scores_TE. What the top-K is taken
+    on is the caller's choice (the Megatron router rounds these back as Megatron does)."""
     return lookup_choice(SCORE_FUNCTIONS, score_function, "score_function")(logits_TE)
 
 
@@ -93,7 +94,9 @@ def group_score_device(select_TGX: torch.Tensor, topk: int, max_groups: int) -> 
 
 def group_score_node(select_TGX: torch.Tensor, topk: int, max_groups: int) -> torch.Tensor:
     """V3 section 2.1.2 (node-limited routing): a node scores the SUM of its K/M highest
-    (biased) affinities. This is Megatron-Core's moe_router_group_topk rule."""
+    (biased) affinities. This is Megatron-Core's moe_router_group_topk rule, K // M when M does not
+    divide K (Megatron's floor: top-4 over 3 kept groups scores each group by its best expert). The sum
+    runs in the dtype of the selection values, as Megatron's does (bf16 logits give bf16 group scores)."""
     return select_TGX.topk(topk // max_groups, dim=-1).values.sum(dim=-1)
 
 
@@ -159,18 +162,25 @@ def choose_experts(
     route_limit: str = "none",
     num_groups: int | None = None,
     max_groups: int | None = None,
+    sort: bool = True,
 ) -> torch.Tensor:
     """Phases 1-3 of ``select_experts``: experts_TK (int64) of the biased, optionally group-limited top-K,
-    without gates (for a caller that gates the choice itself, as the Megatron router does)."""
+    without gates (for a caller that gates the choice itself, as the Megatron router does).
+
+    The selection runs in the dtype of ``scores``; an fp32 bias promotes bf16 scores to fp32 (torch's
+    type promotion, the same sum Megatron-Core forms), so a caller that passes Megatron's selection values
+    gets Megatron's choice, ties included. ``sort=False`` returns the K in no particular order (Megatron
+    0.19 skips the sort outside autograd; with ties the chosen set follows the same call)."""
     _check_select_args(scores, bias, topk, bias_kind, route_limit, num_groups, max_groups)
     with torch.no_grad():
-        select_TE = scores.detach().float()
+        select_TE = scores.detach()
         if bias is not None:
             select_TE = BIAS_KINDS[bias_kind](select_TE, bias.detach().float())
         group_rule = ROUTE_LIMITS[route_limit]
         if group_rule is not None:
             select_TE = mask_unselected_groups(select_TE, topk, num_groups, max_groups, group_rule)
-        return torch.topk(select_TE, k=topk, dim=-1).indices.long()
+            sort = True  # Megatron's group-limited top-K is always sorted
+        return torch.topk(select_TE, k=topk, dim=-1, sorted=sort).indices.long()
 
 
 def gate_selected(
@@ -200,12 +210,14 @@ def mask_unselected_groups(
     """Set to -inf the selection scores of every expert outside the token's top-M groups.
 
     Exactly M groups survive per token (torch.topk returns distinct indices even under ties), and
-    M * E/G >= K finite entries remain, so the following top-K never reaches a masked expert.
+    M * E/G >= K finite entries remain, so the following top-K never reaches a masked expert. The groups
+    are taken by an unsorted top-M, the call Megatron-Core's ``group_limited_topk`` makes, so that tied
+    group scores keep the same groups.
     """
     num_tokens, num_experts = select_TE.shape
     select_TGX = select_TE.view(num_tokens, num_groups, num_experts // num_groups)
     group_scores_TG = group_rule(select_TGX, topk, max_groups)
-    groups_TM = torch.topk(group_scores_TG, k=max_groups, dim=-1).indices
+    groups_TM = torch.topk(group_scores_TG, k=max_groups, dim=-1, sorted=False).indices
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, groups_TM, True)
     keep_TE = keep_TG.unsqueeze(-1).expand_as(select_TGX).reshape(num_tokens, num_experts)
     return select_TE.masked_fill(~keep_TE, float("-inf"))
@@ -315,8 +327,8 @@ def _check_select_args(
             f"max_groups ({max_groups}) groups of {per_group} experts cannot hold topk ({topk}) "
             f"experts: raise max_groups to at least {-(-topk // per_group)}"
         )
-    if route_limit == "node" and topk % max_groups != 0:
+    if route_limit == "node" and max_groups > topk:
         raise LossFreeConfigError(
-            f"topk ({topk}) must be divisible by max_groups ({max_groups}) with route_limit "
-            f"'node' (each node scores its top K/M experts): choose max_groups dividing {topk}"
+            f"max_groups ({max_groups}) must be at most topk ({topk}) with route_limit 'node' (each "
+            f"group scores its top K // M experts, none here): lower max_groups to at most {topk}"
         )

@@ -7,6 +7,8 @@
 | ``moe_utils.te_general_gemm``  | undefined without TE (NameError)       | defined (None without TE)                |
 
 | router gate arithmetic         | scores cast to the logits dtype, then normalised | normalised in fp32, cast at the end |
+| router selection values        | sigmoid / pre-softmax scores cast to the logits dtype | fp32 scores            |
+| plain top-K outside autograd   | sorted                                 | unsorted (``sorted=torch.is_grad_enabled()``) |
 
 Other modules call these helpers instead of branching on the version themselves.
 """
@@ -93,6 +95,15 @@ def _moe_parts(mlp_spec: Any) -> Optional[tuple[type, Any]]:
     return None
 
 
+def moe_classes(mlp_spec: Any) -> Optional[tuple[type, Any]]:
+    """(MoE layer class, router-slot entry) of a MoE mlp spec in either release's form, else None."""
+    parts = _moe_parts(mlp_spec)
+    if parts is None:
+        return None
+    layer_cls, submodules = parts
+    return layer_cls, getattr(submodules, "router", None)
+
+
 def replace_moe_spec(mlp_spec: Any, *, router: Optional[type] = None, layer: Optional[type] = None) -> Any:
     """Return ``mlp_spec`` with the router slot and/or the MoE layer class replaced.
 
@@ -139,3 +150,21 @@ def router_gate_dtype(logits_dtype):
     import torch
 
     return torch.float32 if megatron_core_version() >= Version("0.17") else logits_dtype
+
+
+def router_selection_dtype(logits_dtype):
+    """The dtype of the scores Megatron's ``topk_routing_with_score_function`` takes its top-K on (sigmoid,
+    sqrtsoftplus, softmax before the top-K): 0.16 rounds the fp32 scores back to the logits' dtype
+    (``sigmoid(logits.float()).type_as(logits)``: bf16 without ``moe_router_dtype``), 0.17+ keeps fp32.
+    Softmax after the top-K selects on the logits themselves in every release."""
+    import torch
+
+    return torch.float32 if megatron_core_version() >= Version("0.17") else logits_dtype
+
+
+def router_topk_sorted() -> bool:
+    """Whether Megatron's plain (not group-limited) router top-K sorts: 0.19 sorts only with grad enabled
+    (``sorted=torch.is_grad_enabled()``), 0.16 always. Under ties the chosen set can follow the flag."""
+    import torch
+
+    return torch.is_grad_enabled() if megatron_core_version() >= Version("0.19") else True

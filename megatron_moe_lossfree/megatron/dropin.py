@@ -6,9 +6,10 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 
 | Megatron field                                   | what the plugin does                                      |
 |--------------------------------------------------|-----------------------------------------------------------|
-| moe_router_score_function, moe_router_pre_softmax,| honoured by the router (same scores, gates, probs dtype)  |
-| moe_router_topk_scaling_factor, moe_router_dtype |                                                           |
-| moe_router_num_groups / moe_router_group_topk    | mapped: ``--lossfree-route-limit node`` (the same V3 rule)|
+| moe_router_score_function, moe_router_pre_softmax,| honoured by the router: selects on Megatron's values in   |
+| moe_router_topk_scaling_factor, moe_router_dtype | its dtype, same gates and probs dtype                     |
+| moe_router_num_groups / moe_router_group_topk    | mapped: ``--lossfree-route-limit node`` (the same V3 rule,|
+|                                                  | K // M, groups ranked on Megatron's values)               |
 | moe_router_enable_expert_bias, *_bias_update_rate| mapped: ``--lossfree-balancing bias``, rule sign, that rate|
 | moe_router_load_balancing_type aux_loss,         | honoured: Megatron's own loss code runs in the router     |
 | seq_aux_loss, global_aux_loss (+ lists), none,   |                                                           |
@@ -20,18 +21,25 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 | moe_enable_routing_replay                        | honoured: the plugin's selection is recorded / replayed   |
 | quantile_balancing, moe_router_quantile_balancing| mapped: ``--lossfree-update-rule quantile``, exact on logits|
 | _ema                                             | with that EMA (the plugin's bias is -qb_beta)             |
+| moe_router_enable_expert_bias with               | honoured: a fixed bias (selects, saved/loaded, never      |
+| moe_router_bias_update_rate 0                    | moves; loads counted and MaxVio logged as usual)          |
+| moe_expert_rank_capacity_factor (0.19, flex)     | honoured: loads counted before the dispatcher's drops;    |
+|                                                  | drop_fraction counts only the plugin's (``notes``, logged)|
 | sinkhorn, moe_router_fusion, mtp_num_layers,     | refused by name                                           |
-| CUDA graphs over the router, inference_optimized,|                                                           |
-| moe_expert_rank_capacity_factor                  |                                                           |
+| CUDA graphs over the router, inference_optimized |                                                           |
+| a router / MoE layer class in the spec that is   | refused by class and slot (``specs.py``)                  |
+| not Megatron's TopKRouter / MoELayer             |                                                           |
 
 A Megatron field at a non-default value and a ``--lossfree-*`` field at a non-default value that set the
 same thing differently are refused together, naming both flags. Every problem is collected and raised as
-one ``LossFreeConfigError``.
+one ``LossFreeConfigError``, the messages joined by "; " (no message holds "; ", so the list splits back).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from typing import Optional
 
 from megatron_moe_lossfree.config import LossFreeConfig, flag
@@ -107,11 +115,44 @@ def refusals(config, lossfree: LossFreeConfig):
                f"dropping are not capturable (host syncs): use --cuda-graph-scope attn, or no CUDA graphs")
     if getattr(config, "transformer_impl", "local") == "inference_optimized":
         yield (f"{cli('transformer_impl')} (inference_optimized) is not supported: its dispatcher expects dense "
-               f"[T, K] routing, the plugin returns Megatron's [T, E] map; use local or transformer_engine")
-    if getattr(config, "moe_expert_rank_capacity_factor", None) is not None:
-        yield (f"{cli('moe_expert_rank_capacity_factor')} ({config.moe_expert_rank_capacity_factor}) is not "
-               f"supported: its drops happen in the flex dispatcher, invisible to the plugin's drop counters; "
-               f"use {flag('drop')} device with {flag('capacity_factor')}")
+               f"[T, K] routing where the plugin returns Megatron's [T, E] map, use local or transformer_engine")
+    yield from group_limit_refusals(config)
+
+
+def group_limit_refusals(config):
+    """Megatron's group-limited routing checked at construction (Megatron's own __post_init__ already asserts
+    ``num_experts % moe_router_num_groups == 0`` and ``group_topk <= num_groups``). Megatron scores a group by
+    its top ``topk // group_topk`` experts (a floor: top-4 over 3 kept groups is honoured, one expert per
+    group); the two layouts refused here make Megatron score every group 0 or select masked experts."""
+    kept, groups = getattr(config, "moe_router_group_topk", None), getattr(config, "moe_router_num_groups", None)
+    topk, experts = getattr(config, "moe_router_topk", None), getattr(config, "num_moe_experts", None)
+    if not (kept and groups and topk and experts) or experts % groups:
+        return
+    if kept > topk:
+        yield (f"{cli('moe_router_group_topk')} ({kept}) is larger than {cli('moe_router_topk')} ({topk}): each kept "
+               f"group is scored by its top {cli('moe_router_topk')} // {cli('moe_router_group_topk')} experts, "
+               f"none here, so use a {cli('moe_router_group_topk')} of at most {topk}")
+    elif kept * (experts // groups) < topk:
+        yield (f"{cli('moe_router_group_topk')} ({kept}) groups of {experts // groups} experts cannot hold "
+               f"{cli('moe_router_topk')} ({topk}) experts: raise {cli('moe_router_group_topk')} to at least "
+               f"{-(-topk // (experts // groups))}")
+
+
+def notes(config) -> list[str]:
+    """What the plugin says once in the log about Megatron settings it honours with a caveat."""
+    out = []
+    factor = getattr(config, "moe_expert_rank_capacity_factor", None)
+    if factor is not None:
+        out.append(f"{cli('moe_expert_rank_capacity_factor')} ({factor}): the flex dispatcher (HybridEP) drops "
+                   f"tokens over each EP rank's budget after routing. The plugin counts its loads (bias, MaxVio) "
+                   f"before any drop, and its drop_fraction counts only the plugin's own {flag('drop')} drops, "
+                   f"not the dispatcher's (Megatron flags those as over_budget)")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def log_note_once(note: str) -> None:
+    logging.getLogger("megatron_moe_lossfree").warning(note)
 
 
 def conflicts(config, lossfree: LossFreeConfig):
@@ -143,7 +184,7 @@ def conflicts(config, lossfree: LossFreeConfig):
         for field in ("quantile_estimator", "quantile_space"):
             if getattr(lossfree, field) != getattr(DEFAULTS, field):
                 yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) is Megatron's exact estimator "
-                       f"on logits; {flag(field)} ({getattr(lossfree, field)}) asks otherwise: use "
+                       f"on logits, and {flag(field)} ({getattr(lossfree, field)}) asks otherwise: use "
                        f"{flag('update_rule')} quantile instead of Megatron's flag")
         if lossfree.balancing == "none" and lossfree is not MEGATRON_ONLY:
             yield (f"{cli('moe_router_load_balancing_type')} (quantile_balancing) and {flag('balancing')} (none) "

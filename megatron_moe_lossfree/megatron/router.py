@@ -6,7 +6,8 @@ Forward, in phases (Megatron's ``TopKRouter.routing`` order; Megatron's flags pe
 1. logits_TE = gate(hidden) (Megatron's router GEMM in ``moe_router_dtype``), checked finite; Megatron's
    own z-loss (padding-aware, per-token scaled, tracked).
 2. scores_TE = score_function(logits_TE) in fp32               (sigmoid / softmax / sqrtsoftplus)
-3. experts_TK = biased top-K (LFB Alg. 1: bias for selection only) on scores, or on logits for the quantile
+3. experts_TK = biased top-K (LFB Alg. 1: bias for selection only) on the values Megatron selects on
+   (``selection_values``: its dtype, logits for softmax after the top-K), or on logits for the quantile
    rule in Megatron's space; through Megatron's RouterReplay when replay is on. The quantile rule's top-(K+1)
    also gives each token's cutoff, and its per-micro-batch statistic is taken here.
 4. counts_E += a scatter-add count of experts_TK over the non-padding tokens -- BEFORE any dropping, int64, only in a
@@ -60,6 +61,8 @@ class LossFreeRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         # Megatron's flags mapped onto the plugin, or refused by name (dropin.py: the drop-in contract).
         self.lossfree = dropin.resolve_lossfree(config, lossfree)
+        for note in dropin.notes(config):  # honoured with a caveat: said once in the log
+            dropin.log_note_once(note)
         num_experts = config.num_moe_experts
         use_bias = self.lossfree.balancing == "bias"
         # Megatron registers these only when its own update is on; the plugin owns the update (the
@@ -171,7 +174,25 @@ class LossFreeRouter(TopKRouter):
         return routing.choose_experts(
             scores_TE, self.expert_bias, self.topk, bias_kind=cfg.bias_kind, route_limit=cfg.route_limit,
             num_groups=self.route_limit_groups(),
-            max_groups=cfg.route_max_groups if cfg.route_limit != "none" else None)
+            max_groups=cfg.route_max_groups if cfg.route_limit != "none" else None,
+            sort=compat.router_topk_sorted())
+
+    def selection_values(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
+        """What the top-K is taken on: exactly the values Megatron's ``topk_routing_with_score_function``
+        selects on (before the bias), so the plugin picks Megatron's experts in every dtype, ties and group
+        ranking included (REFERENCE 13):
+        - softmax after the top-K, no bias: the logits themselves (their dtype; groups ranked on logits);
+        - sigmoid, sqrtsoftplus, softmax before the top-K: the fp32 scores, rounded to the logits' dtype
+          where Megatron rounds them (0.16 without ``moe_router_dtype``: bf16; ``compat``);
+        - the quantile rule: the fp32 logits in Megatron's space (its bias is -qb_beta on logits), the fp32
+          scores in score space (Kimi K3);
+        - softmax after the top-K WITH a bias (the plugin's LFB appendix C, Megatron has none): the fp32
+          probabilities, so that the bias shifts probabilities."""
+        if self.quantile:
+            return logits_TE.detach().float() if self.selects_on_logits() else scores_TE
+        if self.score_function == "softmax" and not self.config.moe_router_pre_softmax:
+            return scores_TE if self.expert_bias is not None else logits_TE.detach()
+        return scores_TE.detach().to(compat.router_selection_dtype(logits_TE.dtype))
 
     def select_or_replay(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """experts_TK of ``select``, through Megatron's RouterReplay when ``moe_enable_routing_replay`` is on:
@@ -262,7 +283,7 @@ class LossFreeRouter(TopKRouter):
         (``topk_routing_with_score_function``): softmax after the top-K is the softmax of the K chosen
         logits; sigmoid (or softmax before the top-K) gates are normalised in the precision Megatron uses
         (``compat.router_gate_dtype``); they come back in the logits' dtype (bf16 by default, fp32/fp64
-        with ``moe_router_dtype``). The selection itself stayed fp32."""
+        with ``moe_router_dtype``). The selection was made on ``selection_values``."""
         scaling = self.config.moe_router_topk_scaling_factor
         if self.score_function == "softmax" and not self.config.moe_router_pre_softmax:
             gates_TK = torch.softmax(logits_TE.gather(1, experts_TK), dim=-1, dtype=torch.float32)
@@ -285,8 +306,7 @@ class LossFreeRouter(TopKRouter):
         self.note_nonfinite(logits_TE)
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=pad_T)  # Megatron's (scaling, tracker)
         scores_TE = routing.compute_scores(logits_TE, self.score_function)  # fp32
-        # The quantile rule in Megatron's space selects on logits + b (= logits - qb_beta).
-        select_TE = logits_TE.detach().float() if self.selects_on_logits() else scores_TE
+        select_TE = self.selection_values(logits_TE, scores_TE)  # Megatron's (the quantile rule: logits)
         valid_T = None if pad_T is None else ~pad_T
         if self.quantile and self.is_counting() and self.router_replay is None:
             experts_TK = self.observe_quantile(select_TE, valid_T)  # its top-(K+1) is also the selection
@@ -294,7 +314,9 @@ class LossFreeRouter(TopKRouter):
             experts_TK = self.select_or_replay(select_TE)
         self.count_loads(experts_TK, valid_T)
         if self.eval_record is not None and not self.training:
-            self.eval_record.append((select_TE if valid_T is None else select_TE[valid_T]).detach().float().cpu())
+            # the fp32 values a bias is added to (scores; logits for the quantile rule in logit space)
+            record_TE = select_TE if self.selects_on_logits() else scores_TE
+            self.eval_record.append((record_TE if valid_T is None else record_TE[valid_T]).detach().float().cpu())
         gates_TK = self.megatron_gates(logits_TE, scores_TE, experts_TK)
         gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch, pad_T=pad_T)
         self.last_selection = (gates_TK.detach(), experts_TK)

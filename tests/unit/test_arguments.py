@@ -14,9 +14,9 @@ CASES = [
     (["--global-batch-size", "10", "--micro-batch-size", "4"],
      "--global-batch-size (10) must be divisible by --micro-batch-size (4) times the data-parallel size"),
     (["--moe-router-topk", "9", "--num-experts", "8"], "--moe-router-topk (9) must be <= --num-experts (8)"),
-    (["--lossfree-update-rate", "0"],
-     "--lossfree-update-rate (0.0) must be > 0 with bias balancing: use e.g. 1e-3 (the paper's value), "
-     "or --lossfree-balancing none"),
+    (["--lossfree-update-rate", "-1"],
+     "--lossfree-update-rate (-1.0) must be >= 0 with bias balancing: use e.g. 1e-3 (the paper's value), 0 for "
+     "a fixed bias, or --lossfree-balancing none"),
     (["--lossfree-update-rule", "sgn"],
      "--lossfree-update-rule ('sgn') is not a valid choice: use one of sign, proportional, sign_centered, "
      "multiplicative, quantile"),

@@ -15,9 +15,9 @@ CASES = {
     "lr warmup >= iters": (["--lr-warmup-iters", "100", "--train-iters", "100"],
                            "--lr-warmup-iters (100) must lie in [0, --train-iters (100)): shorten the warmup or "
                            "train longer"),
-    "update rate 0": (["--lossfree-update-rate", "0"],
-                      "--lossfree-update-rate (0.0) must be > 0 with bias balancing: use e.g. 1e-3 (the paper's "
-                      "value), or --lossfree-balancing none"),
+    "negative update rate": (["--lossfree-update-rate", "-1"],
+                             "--lossfree-update-rate (-1.0) must be >= 0 with bias balancing: use e.g. 1e-3 (the "
+                             "paper's value), 0 for a fixed bias, or --lossfree-balancing none"),
     "capacity factor 0": (["--lossfree-drop", "device", "--lossfree-capacity-factor", "0"],
                           "--lossfree-capacity-factor (0.0) must be > 0, e.g. 1.0 (V2) or 1.25"),
     "exempt fraction 1.5": (["--lossfree-exempt-fraction", "1.5"],
@@ -51,7 +51,7 @@ CASES = {
     "multiplicative kind, sign rule": (["--lossfree-bias-kind", "multiplicative"],
                                        "--lossfree-update-rule (sign) and --lossfree-bias-kind (multiplicative) "
                                        "disagree: the multiplicative rule goes with the multiplicative bias kind "
-                                       "(LFB Table 4); set both to multiplicative or neither"),
+                                       "(LFB Table 4), so set both to multiplicative or neither"),
     "drop without capacity": (["--lossfree-drop", "expert"],
                               "--lossfree-capacity-factor is required with --lossfree-drop expert: give e.g. 1.0"),
     "padding without capacity": (["--lossfree-pad-to-capacity"],

@@ -40,12 +40,8 @@ REFUSED = {
                     "are not capturable (host syncs): use --cuda-graph-scope attn, or no CUDA graphs"),
     "inference_optimized": (dict(transformer_impl="inference_optimized"), None,
                             "--transformer-impl (inference_optimized) is not supported: its dispatcher expects "
-                            "dense [T, K] routing, the plugin returns Megatron's [T, E] map; use local or "
+                            "dense [T, K] routing where the plugin returns Megatron's [T, E] map, use local or "
                             "transformer_engine"),
-    "rank capacity": (dict(moe_expert_rank_capacity_factor=1.5), None,
-                      "--moe-expert-rank-capacity-factor (1.5) is not supported: its drops happen in the flex "
-                      "dispatcher, invisible to the plugin's drop counters; use --lossfree-drop device with "
-                      "--lossfree-capacity-factor"),
     "rule against megatron bias": (dict(moe_router_enable_expert_bias=True),
                                    LossFreeConfig(update_rule="proportional"),
                                    "--moe-router-enable-expert-bias (True, Megatron's sign rule) and "

@@ -235,10 +235,9 @@ def test_routing_map_and_counts():
             "to at least 2",
         ),
         (
-            dict(route_limit="node", num_groups=4, max_groups=3),
-            "topk (4) must be divisible by max_groups (3) with route_limit 'node' (each node "
-            "scores its "
-            "top K/M experts): choose max_groups dividing 4",
+            dict(route_limit="node", num_groups=8, max_groups=5),
+            "max_groups (5) must be at most topk (4) with route_limit 'node' (each group scores its "
+            "top K // M experts, none here): lower max_groups to at most 4",
         ),
         (
             dict(route_limit="node", num_groups=None, max_groups=2),
