@@ -17,7 +17,14 @@ limit x balancing loss type x capacity and policy):
 - expert capacity with both drop policies, one with padding to capacity (no bias: with a bias the plugin
   counts loads BEFORE dropping, a documented departure, tested in tests/unit/test_dropin.py);
 - lane 2 (megatron-core 0.19): Megatron's quantile_balancing, with and without its EMA, against the plugin's
-  quantile rule (plugin ``expert_bias`` == -Megatron ``qb_beta``, bitwise).
+  quantile rule (plugin ``expert_bias`` == -Megatron ``qb_beta``, bitwise);
+- a fixed bias (``--moe-router-bias-update-rate 0``, GLM-4.5's recipes): both start from the same non-zero bias,
+  which routes and never moves;
+- bf16 on CPU (``dropin_cases.bf16_pair_case``: Float16Module, no ``--moe-router-dtype``, Megatron's default):
+  sigmoid with the bias and groups, softmax before the top-K, softmax after the top-K with groups (groups ranked
+  on the raw bf16 logits). The rate there is 2**-7: Megatron's own update under Float16Module multiplies a bf16
+  sign by the rate and so moves by the bf16-rounded rate (1e-2 becomes 0.010009765625, its counts are bf16 too);
+  the plugin moves by the exact fp32 rate on int64 counts, a stated departure (README).
 """
 
 from __future__ import annotations
@@ -59,6 +66,13 @@ QB = {
     "quantile_balancing_ema": ["--moe-router-load-balancing-type", "quantile_balancing",
                                "--moe-router-quantile-balancing-ema", "0.9"],
 }
+MATRIX["fixed_bias"] = ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0"] + GROUPS
+BF16_BIAS = ["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", str(2 ** -7)]
+BF16 = {
+    "bf16_sigmoid_bias_groups": BF16_BIAS + GROUPS,
+    "bf16_pre_softmax": SOFTMAX + ["--moe-router-pre-softmax"],
+    "bf16_softmax_groups": SOFTMAX + GROUPS,
+}
 HAS_QB = megatron_core_version().release >= (0, 19)
 if HAS_QB:
     MATRIX.update(QB)
@@ -77,9 +91,14 @@ def launches(tmp_path_factory, record_distributed_time):
         if world not in results:
             names = list(MATRIX) if world == 1 else EP2
             extra = [] if world == 1 else EP2_FLAGS
-            cases = [Case(n, dropin_cases.pair_case, dict(workdir=workdir, name=n, flags=MATRIX[n] + extra))
+            cases = [Case(n, dropin_cases.pair_case, dict(workdir=workdir, name=n, flags=MATRIX[n] + extra,
+                                                          initial_bias=n == "fixed_bias"))
                      for n in names]
-            launch = harness.launch_cases(cases, world, timeout_s=480, workdir=f"{workdir}/launch-{world}")
+            if world == 1:
+                cases += [Case(n, dropin_cases.bf16_pair_case, dict(workdir=workdir, name=n, flags=flags))
+                          for n, flags in BF16.items()]
+            launch = harness.launch_cases(cases, world, timeout_s=900 if world == 1 else 480,
+                                           workdir=f"{workdir}/launch-{world}")
             record_distributed_time(f"drop-in matrix, {world} rank(s), in all", launch.total_seconds)
             results[world] = launch.results
         return results[world]
@@ -88,22 +107,32 @@ def launches(tmp_path_factory, record_distributed_time):
 
 
 def check(result: dict, name: str) -> None:
+    flags = {**MATRIX, **BF16}[name]
     native, plugin = result["native_losses"], result["plugin_losses"]
     if native[0] is not None:  # the last pipeline stage reports the loss
         assert plugin == pytest.approx(native, rel=LOSS_RTOL, abs=0)
     assert result["param_diff"] <= WEIGHT_ATOL, result["param_diff"]
     assert result["maps"] > 0 and result["maps_equal"]
     assert result["bias_equal"], result["bias_diff"]
-    if "--moe-router-enable-expert-bias" in MATRIX[name] or name in QB:
-        assert result["bias_keys"] == 3 and result["bias_moved"]
+    if name == "fixed_bias":
+        assert result["bias_keys"] == 3 and result["bias_fixed"]
+    elif "--moe-router-enable-expert-bias" in flags or name in QB:
+        assert result["bias_keys"] == (2 if name in BF16 else 3) and result["bias_moved"]
     else:
         assert result["bias_keys"] == 0
-    if "--moe-expert-capacity-factor" in MATRIX[name]:
+    if name in BF16:
+        assert result["bias_fp32"]
+    if "--moe-expert-capacity-factor" in flags:
         assert result["dropped"], "the capacity dropped nothing: the case would not test dropping"
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_one_process(launches, name):
+    check(launches(1)[name][0], name)
+
+
+@pytest.mark.parametrize("name", list(BF16))
+def test_bf16_one_process(launches, name):
     check(launches(1)[name][0], name)
 
 
