@@ -219,10 +219,16 @@ def embedded_dataset(cache_dir: str, vocab_size: int) -> tuple[str, str]:
     if os.path.exists(prefix + ".idx") and os.path.exists(tokenizer_path):
         return prefix, tokenizer_path
     os.makedirs(root, exist_ok=True)
-    docs = embedded_corpus_documents()
-    tokenizer = train_tokenizer([], vocab_size, tokenizer_path + ".tmp", documents=docs)
-    prepare_indexed_dataset([], tokenizer, prefix, documents=docs)
-    os.replace(tokenizer_path + ".tmp", tokenizer_path)  # last: its presence marks a finished build
+    import fcntl
+
+    # Several jobs on one machine (two ablation streams) may start together: one builds, the others wait.
+    with open(os.path.join(root, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(tokenizer_path):
+            docs = embedded_corpus_documents()
+            tokenizer = train_tokenizer([], vocab_size, tokenizer_path + ".tmp", documents=docs)
+            prepare_indexed_dataset([], tokenizer, prefix, documents=docs)
+            os.replace(tokenizer_path + ".tmp", tokenizer_path)  # last: its presence marks a finished build
     return prefix, tokenizer_path
 
 

@@ -169,3 +169,29 @@ def test_prepare_data_cli_shuffles_cuts_and_accepts_the_byte_level_vocabulary(tm
     with pytest.raises(LossFreeConfigError, match=r"^--max-doc-chars \(0\) must be >= 1"):
         prepare_data.main(["--input", str(src), "--output-prefix", prefix, "--tokenizer-model",
                            str(tmp_path / "tok.json"), "--max-doc-chars", "0"])
+
+
+def test_embedded_dataset_is_built_once_when_jobs_start_together(tmp_path, monkeypatch):
+    """Two ablation streams starting at once: one builds under the lock, the other waits and reads it."""
+    import threading
+    import time
+
+    builds = []
+
+    def fake_train(files, vocab, path, documents=None):
+        builds.append(path)
+        time.sleep(0.3)
+        pathlib.Path(path).write_text("{}")
+
+    monkeypatch.setattr(data, "train_tokenizer", fake_train)
+    monkeypatch.setattr(data, "prepare_indexed_dataset", lambda *a, **k: 0)
+    monkeypatch.setattr(data, "embedded_corpus_documents", lambda: ["x"])
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(data.embedded_dataset(str(tmp_path), 300)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(results) == 2 and results[0] == results[1]
+    assert (tmp_path / "stdlib-v2-b2048-s0-v300" / "tokenizer.json").exists()
