@@ -44,6 +44,8 @@ class Suite:
     compare: tuple[str, ...] = ("final_ppl", "maxvio_global")
     """Metrics the "vs" column judges (a difference is called only outside the seed spread)."""
     notes: tuple[str, ...] = ()
+    ratio: Optional[tuple[str, str, str]] = None
+    """(arm A, arm B, the paper's value): a line under the table with MaxVio_global of A / B per seed."""
 
     def arm(self, name: str) -> Arm:
         for arm in self.arms:
@@ -171,7 +173,8 @@ def lfb_main(scale: Scale) -> Suite:
         paper_columns=(f"paper 1B: {PPL_MAXVIO}", f"paper 3B: {PPL_MAXVIO}"),
         arms=(Arm("aux-a1e-3", loss_controlled("1e-3"), paper=("9.56 / 0.72", "7.97 / 0.52")),
               Arm(f"bias-sign-u{u}", loss_free("sign", u), paper=("9.50 / 0.04", "7.92 / 0.04"))),
-        notes=("paper's loss-free arm: sign rule, u = 1e-3.",))
+        notes=("paper's loss-free arm: sign rule, u = 1e-3.",),
+        ratio=("aux-a1e-3", f"bias-sign-u{u}", "18x at 1B (0.72 / 0.04), 13x at 3B (0.52 / 0.04)"))
 
 
 def lfb_alpha(scale: Scale) -> Suite:
