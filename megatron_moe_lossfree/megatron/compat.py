@@ -156,7 +156,8 @@ def router_selection_dtype(logits_dtype):
     """The dtype of the scores Megatron's ``topk_routing_with_score_function`` takes its top-K on (sigmoid,
     sqrtsoftplus, softmax before the top-K): 0.16 rounds the fp32 scores back to the logits' dtype
     (``sigmoid(logits.float()).type_as(logits)``: bf16 without ``moe_router_dtype``), 0.17+ keeps fp32.
-    Softmax after the top-K selects on the logits themselves in every release."""
+    Softmax after the top-K selects on the logits themselves in every release. Read in 0.16.1 and 0.19.2;
+    the 0.17 cut is ``router_gate_dtype``'s (the same rewrite of that function)."""
     import torch
 
     return torch.float32 if megatron_core_version() >= Version("0.17") else logits_dtype
@@ -164,7 +165,8 @@ def router_selection_dtype(logits_dtype):
 
 def router_topk_sorted() -> bool:
     """Whether Megatron's plain (not group-limited) router top-K sorts: 0.19 sorts only with grad enabled
-    (``sorted=torch.is_grad_enabled()``), 0.16 always. Under ties the chosen set can follow the flag."""
+    (``sorted=torch.is_grad_enabled()``), 0.16 always. Under ties the chosen set can follow the flag. Read in
+    0.16.1 and 0.19.2 (0.17 / 0.18 not checked)."""
     import torch
 
     return torch.is_grad_enabled() if megatron_core_version() >= Version("0.19") else True
