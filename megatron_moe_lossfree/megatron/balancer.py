@@ -194,7 +194,7 @@ class BiasBalancer:
                 over_bound = self.update_flat_bias(reduced[: self.flat_bias.numel()].view_as(self.flat_bias), rate)
             else:
                 self.update_biases(counts, rate)
-        self.last_bias_motion = self.bias_motion(before)
+        self.last_bias_motion = self.measure_bias_motion(before)
         # One host sync for the step: non-finite flags, token count, large-bias check.
         probe = [flags.sum(), counts[0].sum()] + ([over_bound] if over_bound is not None else [])
         values = torch.stack(probe).tolist()  # all int64
@@ -218,14 +218,14 @@ class BiasBalancer:
             hook(self)
 
     def snapshot_bias(self) -> Optional[list[torch.Tensor]]:
-        """Device copies of the biases before this step's update (no host sync), for ``bias_motion``."""
+        """Device copies of the biases before this step's update (no host sync), for ``measure_bias_motion``."""
         if self.lossfree.balancing != "bias":
             return None
         if self.flat_bias is not None:
             return [self.flat_bias.clone()]
         return [r.expert_bias.detach().clone() for r in self.routers]
 
-    def bias_motion(self, before: Optional[list[torch.Tensor]]) -> Optional[torch.Tensor]:
+    def measure_bias_motion(self, before: Optional[list[torch.Tensor]]) -> Optional[torch.Tensor]:
         """[L] float64: per layer, the mean over experts of |b_after - b_before| of this step's update."""
         if before is None:
             return None
