@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-pre-softmax", action="store_true")
     g.add_argument("--moe-router-num-groups", type=int, default=None)
     g.add_argument("--moe-router-group-topk", type=int, default=None)
-    g.add_argument("--moe-router-dtype", default="fp32", metavar="{fp32,fp64}")
+    g.add_argument("--moe-router-dtype", default=None, metavar="{fp32,fp64}",
+                   help="Megatron's: the router GEMM and scores in this dtype (default: unset, as in Megatron-LM: the "
+                        "model's dtype)")
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--moe-token-drop-policy", default="probs", metavar="{probs,position}")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
