@@ -25,6 +25,7 @@ import torch
 import triton
 
 from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.kernels import interpreting
 from megatron_moe_lossfree.kernels import router_kernels as rk
 
 SCORES = {"sigmoid": rk.SCORE_SIGMOID, "softmax": rk.SCORE_SOFTMAX, "sqrtsoftplus": rk.SCORE_SQRTSOFTPLUS}
@@ -112,7 +113,7 @@ def _constants(spec: RouterSpec, num_experts: int, dtype: torch.dtype) -> dict:
         G=groups, G_PAD=triton.next_power_of_2(groups), M=keep,
         PER_GROUP=spec.topk // keep if spec.route_limit == "node" else 1,
         K=spec.topk, K_PAD=triton.next_power_of_2(spec.topk), CUTOFF=spec.with_cutoff,
-        OUT_ROUND=ROUNDS[dtype])
+        OUT_ROUND=ROUNDS[dtype], PRECISE=not interpreting())
 
 
 def _forward(logits_TE, bias_E, valid_T, spec: RouterSpec) -> FusedRouting:
@@ -146,7 +147,7 @@ def _backward(grad_probs_TE, logits_TE, map_TE, spec: RouterSpec) -> torch.Tenso
         rk.router_bwd_kernel[(triton.cdiv(num_tokens, block),)](
             grad_probs_TE.contiguous(), logits_TE, map_TE.view(torch.uint8), grad_TE, num_tokens,
             float(spec.scaling_factor or 1.0), E=num_experts, E_PAD=c["E_PAD"], BLOCK_T=block, SCORE=c["SCORE"],
-            GATE=c["GATE"], ROUND=c["ROUND"], HAS_SCALING=c["HAS_SCALING"])
+            GATE=c["GATE"], ROUND=c["ROUND"], HAS_SCALING=c["HAS_SCALING"], PRECISE=c["PRECISE"])
     return grad_TE
 
 

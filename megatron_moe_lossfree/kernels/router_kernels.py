@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Codes of the compile-time switches (kept in one place: ``fused_router.py`` maps names onto them).
 SCORE_SIGMOID, SCORE_SOFTMAX, SCORE_SQRTSOFTPLUS = 0, 1, 2
@@ -57,24 +58,35 @@ def _round_to(x, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _log1p(u):
-    """log(1 + u) for u in [0, 1], accurate where u is tiny (Goldberg's correction)."""
+def _exp(x, PRECISE: tl.constexpr):
+    """exp: the CUDA maths library's expf on a GPU (torch's, so scores match torch's bits there); the
+    interpreter's numpy exp on the host (which has no libdevice)."""
+    if PRECISE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _log1p(u, PRECISE: tl.constexpr):
+    """log(1 + u), accurate where u is tiny (Goldberg's correction on the host)."""
+    if PRECISE:
+        return libdevice.log1p(u)
     w = 1.0 + u
     return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
 
 
 @triton.jit
-def _scores(x, col_ok, SCORE: tl.constexpr):
-    """fp32 scores of fp32 logits x [BT, E_PAD]; padding columns give 0."""
+def _scores(x, col_ok, SCORE: tl.constexpr, PRECISE: tl.constexpr):
+    """fp32 scores of fp32 logits x [BT, E_PAD] with torch's formulas and IEEE division/square root;
+    padding columns give 0."""
     if SCORE == 1:
         xm = tl.where(col_ok, x, float("-inf"))
-        ex = tl.exp(xm - tl.max(xm, axis=1)[:, None])
-        s = ex / tl.sum(ex, axis=1)[:, None]
-    elif SCORE == 2:
-        softplus = tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
-        s = tl.sqrt(tl.where(x > 20.0, x, softplus))  # torch's softplus threshold (20)
+        ex = _exp(xm - tl.max(xm, axis=1)[:, None], PRECISE)
+        s = tl.div_rn(ex, tl.sum(ex, axis=1)[:, None])
+    elif SCORE == 2:  # torch's softplus: x above the threshold 20, else log1p(exp(x))
+        s = tl.sqrt_rn(tl.where(x > 20.0, x, _log1p(_exp(tl.minimum(x, 20.0), PRECISE), PRECISE)))
     else:
-        s = tl.sigmoid(x)
+        s = tl.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, PRECISE))
     return tl.where(col_ok, s, 0.0)
 
 
@@ -122,7 +134,7 @@ def router_fwd_kernel(
     SCORE: tl.constexpr, ON_LOGITS: tl.constexpr, BIAS: tl.constexpr,
     LIMIT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, M: tl.constexpr, PER_GROUP: tl.constexpr,
     CUTOFF: tl.constexpr, GATE: tl.constexpr, ROUND: tl.constexpr, OUT_ROUND: tl.constexpr,
-    HAS_SCALING: tl.constexpr, HAS_VALID: tl.constexpr, COUNT: tl.constexpr,
+    HAS_SCALING: tl.constexpr, HAS_VALID: tl.constexpr, COUNT: tl.constexpr, PRECISE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -134,7 +146,7 @@ def router_fwd_kernel(
     x = tl.load(logits_ptr + offs, mask=ok, other=0.0).to(tl.float32)
 
     # 1-2. scores and biased selection values
-    s = _scores(x, col_ok, SCORE)
+    s = _scores(x, col_ok, SCORE, PRECISE)
     work = x if ON_LOGITS else s
     if BIAS == 1:
         work = work + tl.load(bias_ptr + cols, mask=cols < E, other=0.0)[None, :]
@@ -166,14 +178,14 @@ def router_fwd_kernel(
     # 5. gates: Megatron's arithmetic on the K picks; the probs row repeats it on the chosen columns
     if GATE == 0:
         top = tl.max(picked, axis=1)
-        ek = tl.exp(picked - top[:, None])
+        ek = _exp(picked - top[:, None], PRECISE)
         den = tl.sum(ek, axis=1)
-        gates = ek / den[:, None]
-        probs = tl.exp(x - top[:, None]) / den[:, None]
+        gates = tl.div_rn(ek, den[:, None])
+        probs = tl.div_rn(_exp(x - top[:, None], PRECISE), den[:, None])
     elif GATE == 1:
         den = _round_to(_round_to(tl.sum(picked, axis=1), ROUND) + GATE_NORM_EPS, ROUND)
-        gates = _round_to(picked / den[:, None], ROUND)
-        probs = _round_to(src / den[:, None], ROUND)
+        gates = _round_to(tl.div_rn(picked, den[:, None]), ROUND)
+        probs = _round_to(tl.div_rn(src, den[:, None]), ROUND)
     else:
         gates = picked
         probs = src
@@ -203,6 +215,7 @@ def router_bwd_kernel(
     T, scaling,
     E: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SCORE: tl.constexpr, GATE: tl.constexpr, ROUND: tl.constexpr, HAS_SCALING: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """d loss / d logits from d loss / d probs (zero outside the chosen experts; the bias gets none)."""
     pid = tl.program_id(0)
@@ -220,11 +233,11 @@ def router_bwd_kernel(
     if GATE == 0:  # softmax over the chosen logits: p (g - <g, p>)
         xm = tl.where(selected, x, float("-inf"))
         top = tl.max(xm, axis=1)
-        ex = tl.where(selected, tl.exp(xm - top[:, None]), 0.0)
+        ex = tl.where(selected, _exp(xm - top[:, None], PRECISE), 0.0)
         p = ex / tl.sum(ex, axis=1)[:, None]
         grad = p * (g - tl.sum(g * p, axis=1)[:, None])
     else:
-        s = _scores(x, col_ok, SCORE)
+        s = _scores(x, col_ok, SCORE, PRECISE)
         if GATE == 1:  # q = s / (S + eps) on the chosen: dq/ds = (g - <g, q>) / (S + eps)
             src = tl.where(selected, _round_to(s, ROUND), 0.0)
             den = _round_to(_round_to(tl.sum(src, axis=1), ROUND) + GATE_NORM_EPS, ROUND)
