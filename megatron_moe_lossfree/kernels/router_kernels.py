@@ -231,10 +231,10 @@ def router_bwd_kernel(
     if HAS_SCALING:
         g = g * scaling
     if GATE == 0:  # softmax over the chosen logits: p (g - <g, p>)
-        xm = tl.where(selected, x, float("-inf"))
-        top = tl.max(xm, axis=1)
-        ex = tl.where(selected, _exp(xm - top[:, None], PRECISE), 0.0)
-        p = ex / tl.sum(ex, axis=1)[:, None]
+        top = tl.max(tl.where(selected, x, float("-inf")), axis=1)
+        top = tl.where(top == float("-inf"), 0.0, top)  # rows past T select nothing
+        ex = tl.where(selected, _exp(x - top[:, None], PRECISE), 0.0)
+        p = ex / tl.maximum(tl.sum(ex, axis=1), 1.0)[:, None]  # the sum is >= 1 where a row selects
         grad = p * (g - tl.sum(g * p, axis=1)[:, None])
     else:
         s = _scores(x, col_ok, SCORE, PRECISE)

@@ -20,7 +20,9 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 | moe_enable_routing_replay                        | honoured: the plugin's selection is recorded / replayed   |
 | quantile_balancing, moe_router_quantile_balancing| mapped: ``--lossfree-update-rule quantile``, exact on logits|
 | _ema                                             | with that EMA (the plugin's bias is -qb_beta)             |
-| sinkhorn, moe_router_fusion, mtp_num_layers,     | refused by name                                           |
+| moe_router_fusion                                | honoured: the plugin's Triton router (fused_routing.py);  |
+|                                                  | refused by name without Triton, or without CUDA           |
+| sinkhorn, mtp_num_layers,                        | refused by name                                           |
 | CUDA graphs over the router, inference_optimized,|                                                           |
 | moe_expert_rank_capacity_factor                  |                                                           |
 
@@ -94,9 +96,12 @@ def refusals(config, lossfree: LossFreeConfig):
     if unknown:
         yield (f"{cli('moe_router_load_balancing_type')} ({', '.join(unknown)}) is unknown to the plugin: use "
                f"aux_loss, seq_aux_loss, global_aux_loss or none")
-    if getattr(config, "moe_router_fusion", False):
-        yield (f"{cli('moe_router_fusion')} (True) is not supported with the plugin's router (its selection adds "
-               f"the plugin's bias, which the fused kernel does not see): drop {cli('moe_router_fusion')}")
+    if getattr(config, "moe_router_fusion", False):  # honoured by the plugin's Triton router (fused_routing.py)
+        from megatron_moe_lossfree import kernels
+
+        reason = kernels.unavailable_reason()
+        if reason:
+            yield f"{cli('moe_router_fusion')} (True) {reason}; or drop {cli('moe_router_fusion')}"
     if getattr(config, "mtp_num_layers", None):
         yield (f"{cli('mtp_num_layers')} ({config.mtp_num_layers}) is not supported (Megatron builds MTP layers "
                f"from its own spec, so their routers would bypass the plugin's bias, dropping and counts): "
