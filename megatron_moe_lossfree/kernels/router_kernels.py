@@ -86,7 +86,7 @@ def _scores(x, col_ok, SCORE: tl.constexpr, PRECISE: tl.constexpr):
     elif SCORE == 2:  # torch's softplus: x above the threshold 20, else log1p(exp(x))
         s = tl.sqrt_rn(tl.where(x > 20.0, x, _log1p(_exp(tl.minimum(x, 20.0), PRECISE), PRECISE)))
     else:
-        s = tl.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + _exp(-x, PRECISE))
+        s = tl.div_rn(tl.zeros_like(x) + 1.0, 1.0 + _exp(-x, PRECISE))
     return tl.where(col_ok, s, 0.0)
 
 
