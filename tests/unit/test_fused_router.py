@@ -183,3 +183,18 @@ def test_counts_leave_out_padding_and_no_count_writes_none():
 def test_refusals_name_the_field(spec, num_experts, message):
     with pytest.raises(LossFreeConfigError, match=message):
         fused_route(torch.zeros(2, num_experts, device=DEVICE), torch.zeros(num_experts, device=DEVICE), spec=spec)
+
+
+def test_kernels_are_pure_maths():
+    """kernels/ imports neither Megatron nor torch.distributed (the pure-maths rule of DESIGN.md)."""
+    import ast
+    import pathlib
+
+    import megatron_moe_lossfree.kernels as kernels
+
+    for path in pathlib.Path(kernels.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith(("megatron.", "torch.distributed")) and name != "megatron", (path, name)
