@@ -72,7 +72,7 @@ def _log1p(u, PRECISE: tl.constexpr):
     if PRECISE:
         return libdevice.log1p(u)
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
 
 
 @triton.jit
@@ -241,6 +241,7 @@ def router_bwd_kernel(
         if GATE == 1:  # q = s / (S + eps) on the chosen: dq/ds = (g - <g, q>) / (S + eps)
             src = tl.where(selected, _round_to(s, ROUND), 0.0)
             den = _round_to(_round_to(tl.sum(src, axis=1), ROUND) + GATE_NORM_EPS, ROUND)
+            den = tl.where(rows < T, den, 1.0)  # rows past T select nothing (and 1e-20 is 0 in fp16)
             q = src / den[:, None]
             grad_s = tl.where(selected, (g - tl.sum(g * q, axis=1)[:, None]) / den[:, None], 0.0)
         else:
@@ -248,7 +249,7 @@ def router_bwd_kernel(
         if SCORE == 1:  # softmax over all E before the top-K
             grad = s * (grad_s - tl.sum(grad_s * s, axis=1)[:, None])
         elif SCORE == 2:  # d sqrt(softplus(x)) / dx = sigmoid(x) / (2 s)
-            grad = tl.where(s > 0.0, grad_s * tl.sigmoid(x) / (2.0 * s), 0.0)
+            grad = tl.where(s > 0.0, grad_s * tl.sigmoid(x) / tl.where(s > 0.0, 2.0 * s, 1.0), 0.0)
         else:
             grad = grad_s * s * (1.0 - s)
     tl.store(grad_logits_ptr + offs, grad.to(grad_logits_ptr.dtype.element_ty), mask=ok)

@@ -167,6 +167,11 @@ def test_gates_in_the_logits_dtype_round_like_megatron_016():
     check(spec, 16, 32, torch.bfloat16, padded=True, seed=7)
 
 
+def test_fp16_logits():
+    check(RouterSpec(topk=4, score_function="sqrtsoftplus", bias_kind="additive", gate_dtype=torch.float16),
+          12, 32, torch.float16, padded=True, seed=13)
+
+
 def test_counts_leave_out_padding_and_no_count_writes_none():
     logits_TE = distinct_logits(8, 16, torch.float32, 11)
     spec = RouterSpec(topk=2, bias_kind=None)
