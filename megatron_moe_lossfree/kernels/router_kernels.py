@@ -37,15 +37,15 @@ BIAS_NONE, BIAS_ADD, BIAS_MUL = 0, 1, 2
 LIMIT_NONE, LIMIT_DEVICE, LIMIT_NODE = 0, 1, 2
 GATE_SOFTMAX_TOPK, GATE_NORMALIZED, GATE_RAW = 0, 1, 2
 ROUND_NONE, ROUND_BF16, ROUND_FP16 = 0, 1, 2
-GATE_NORM_EPS = 1e-20  # Megatron-Core's epsilon (also routing.GATE_NORM_EPS)
+GATE_NORM_EPS = 1e-20  # Megatron-Core's epsilon (routing.GATE_NORM_EPS); written as a literal in the kernels
 
 
 @triton.jit
 def _round_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32."""
     bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return ((bits >> 16) << 16).to(tl.float32, bitcast=True)  # shifts, not a mask: literals stay 32-bit
 
 
 @triton.jit
@@ -147,7 +147,10 @@ def router_fwd_kernel(
 
     # 1-2. scores and biased selection values
     s = _scores(x, col_ok, SCORE, PRECISE)
-    work = x if ON_LOGITS else s
+    if ON_LOGITS:
+        work = x
+    else:
+        work = s
     if BIAS == 1:
         work = work + tl.load(bias_ptr + cols, mask=cols < E, other=0.0)[None, :]
     elif BIAS == 2:
@@ -159,9 +162,13 @@ def router_fwd_kernel(
 
     # 4. top-K (and the cutoff) by arg-max rounds; the gate source value of each pick is kept
     kcols = tl.arange(0, K_PAD)
-    src = x if GATE == 0 else _round_to(s, ROUND)
+    if GATE == 0:
+        src = x
+        picked = tl.full((BLOCK_T, K_PAD), float("-inf"), tl.float32)
+    else:
+        src = _round_to(s, ROUND)
+        picked = tl.zeros((BLOCK_T, K_PAD), tl.float32)
     experts = tl.zeros((BLOCK_T, K_PAD), tl.int64)
-    picked = tl.full((BLOCK_T, K_PAD), float("-inf") if GATE == 0 else 0.0, tl.float32)
     selected = tl.zeros((BLOCK_T, E_PAD), tl.int32) != 0
     for k in tl.static_range(K):
         _best, idx, work = _take_max(work, cols, E_PAD)
@@ -183,7 +190,7 @@ def router_fwd_kernel(
         gates = tl.div_rn(ek, den[:, None])
         probs = tl.div_rn(_exp(x - top[:, None], PRECISE), den[:, None])
     elif GATE == 1:
-        den = _round_to(_round_to(tl.sum(picked, axis=1), ROUND) + GATE_NORM_EPS, ROUND)
+        den = _round_to(_round_to(tl.sum(picked, axis=1), ROUND) + 1e-20, ROUND)
         gates = _round_to(tl.div_rn(picked, den[:, None]), ROUND)
         probs = _round_to(tl.div_rn(src, den[:, None]), ROUND)
     else:
@@ -240,7 +247,7 @@ def router_bwd_kernel(
         s = _scores(x, col_ok, SCORE, PRECISE)
         if GATE == 1:  # q = s / (S + eps) on the chosen: dq/ds = (g - <g, q>) / (S + eps)
             src = tl.where(selected, _round_to(s, ROUND), 0.0)
-            den = _round_to(_round_to(tl.sum(src, axis=1), ROUND) + GATE_NORM_EPS, ROUND)
+            den = _round_to(_round_to(tl.sum(src, axis=1), ROUND) + 1e-20, ROUND)
             den = tl.where(rows < T, den, 1.0)  # rows past T select nothing (and 1e-20 is 0 in fp16)
             q = src / den[:, None]
             grad_s = tl.where(selected, (g - tl.sum(g * q, axis=1)[:, None]) / den[:, None], 0.0)
