@@ -152,8 +152,8 @@ class LossFreeRouter(TopKRouter):
 
     def add_loads(self, counts_E: torch.Tensor) -> None:
         """Add one forward's int64 counts: to the training loads (and this micro-batch's) in a counting forward,
-        to the evaluation loads in an evaluation forward (the caller checked that it counts at all; called
-        outside no_grad, which would hide a counting forward)."""
+        to the evaluation loads in an evaluation forward (the caller checked that this forward counts at all:
+        a training forward without grad never does)."""
         with torch.no_grad():
             if self.training:
                 self.local_tokens_per_expert += counts_E
