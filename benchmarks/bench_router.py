@@ -1,6 +1,12 @@
-"""Router forward+backward: LossFreeRouter vs Megatron-Core's TopKRouter with its built-in expert bias.
+"""Router forward+backward: LossFreeRouter (unfused, and fused: ``--moe-router-fusion``, the plugin's Triton
+kernels) vs Megatron-Core's TopKRouter with its built-in expert bias (unfused, and TE's fused router where
+Transformer Engine is installed), all in one run, paired.
 
     python benchmarks/bench_router.py [--quick] [--megatron-fusion]
+
+The fused plugin router runs only on a CUDA GPU: on a CPU the Triton interpreter proves correctness only
+(tests/unit/test_fused_router.py), so no CPU figure is printed for it. Targets on a GPU: fused fwd+bwd
+<= 0.4x Megatron's unfused router and <= 1.0x TE's fused router (median over shapes).
 
 Same shapes for both: T tokens x hidden 256 (fp32 on CPU; bf16 on the GPU when there is one), E experts,
 top-K, sigmoid scores, a bias. The two routers alternate call by call; prints median (min-max) ms and the
@@ -26,6 +32,12 @@ HIDDEN = 256
 
 
 def build(router_cls_name: str, num_experts: int, topk: int, dtype, device="cpu", fusion: bool = False):
+    """``router_cls_name``: "megatron" (TopKRouter; ``fusion``: moe_router_fusion, TE's kernel),
+    "megatron-te" (TopKRouter with moe_router_fusion), "lossfree" or "lossfree-fused" (LossFreeRouter,
+    without or with moe_router_fusion: the plugin's Triton kernels)."""
+    if router_cls_name == "megatron-te":
+        router_cls_name, fusion = "megatron", True
+    plugin_fusion = router_cls_name == "lossfree-fused"
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -42,7 +54,8 @@ def build(router_cls_name: str, num_experts: int, topk: int, dtype, device="cpu"
         config = TransformerConfig(**fields, moe_router_enable_expert_bias=True, moe_router_fusion=fusion)
         router = TopKRouter(config=config, pg_collection=get_default_pg_collection())
     else:
-        router = LossFreeRouter(config=LossFreeTransformerConfig(**fields), pg_collection=get_default_pg_collection())
+        router = LossFreeRouter(config=LossFreeTransformerConfig(**fields, moe_router_fusion=plugin_fusion),
+                                pg_collection=get_default_pg_collection())
     router.set_layer_number(1)
     return router.to(device=device, dtype=dtype)
 
@@ -66,6 +79,15 @@ def fusion_problem() -> str | None:
     return None
 
 
+def fused_problem() -> str | None:
+    """Why the plugin's fused router is not timed here, or None."""
+    from megatron_moe_lossfree import kernels
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (the Triton interpreter proves correctness only: no CPU figure)"
+    return kernels.unavailable_reason(device_is_cuda=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="T=4k, E in {16,64}, K=2 only")
@@ -79,29 +101,53 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = [(t, e, k) for t in (4096, 16384) for e in (16, 64, 256) for k in (2, 6, 8)]
+    shapes += [(t, 512, 10) for t in (4096, 16384)]
     if a.quick:
         shapes = [(4096, e, 2) for e in (16, 64)]
-    rows = []
+    names = ["megatron", "lossfree"]
+    fused_why = fused_problem()
+    if fused_why is None:
+        names.append("lossfree-fused")
+    else:
+        print(f"LossFreeRouter --moe-router-fusion not timed: {fused_why}")
+    if not a.megatron_fusion and fusion_problem() is None:
+        names.append("megatron-te")  # TE's fused router beside Megatron's unfused one
+    rows, fused_rows = [], []
     for tokens, experts, topk in shapes:
         torch.manual_seed(0)
         x = torch.randn(tokens, 1, HIDDEN, dtype=dtype, device=device, requires_grad=True)
-        routers = {name: build(name, experts, topk, dtype, device, fusion=a.megatron_fusion)
-                   for name in ("megatron", "lossfree")}
-        routers["lossfree"].load_state_dict(routers["megatron"].state_dict(), strict=False)
+        routers = {name: build(name, experts, topk, dtype, device, fusion=a.megatron_fusion) for name in names}
+        for name in names[1:]:
+            routers[name].load_state_dict(routers["megatron"].state_dict(), strict=False)
         stats = interleaved({n: step_fn(r, x) for n, r in routers.items()}, warmup=3,
                             repeat=11 if tokens > 4096 else 21)
         ratio = paired_ratio(stats, "lossfree", "megatron")
         best = stats["lossfree"]["min"] / stats["megatron"]["min"]
         rows.append([tokens, experts, topk, fmt(stats["megatron"]), fmt(stats["lossfree"]), f"{ratio:.3f}",
                      f"{best:.3f}"])
+        if "lossfree-fused" in stats:
+            te = stats.get("megatron-te")
+            fused_rows.append([tokens, experts, topk, fmt(stats["lossfree-fused"]),
+                               f"{paired_ratio(stats, 'lossfree-fused', 'megatron'):.3f}",
+                               fmt(te) if te else "-",
+                               f"{paired_ratio(stats, 'lossfree-fused', 'megatron-te'):.3f}" if te else "-"])
     megatron = "Megatron TopKRouter+bias" + (", moe_router_fusion" if a.megatron_fusion else "")
     print_table(f"Router fwd+bwd, ms, {machine()}", ["T", "E", "K", megatron, "LossFreeRouter",
                                                     "ratio (paired)", "ratio of minima"], rows)
-    print("(paired: median over rounds of the ratio within each round; the two routers alternate)")
+    print("(paired: median over rounds of the ratio within each round; the routers alternate)")
     for column, label in ((-2, "paired ratio"), (-1, "ratio of minima")):
         ratios = sorted(float(r[column]) for r in rows)
         print(f"router {label}: median over shapes {ratios[len(ratios) // 2]:.3f}, max {ratios[-1]:.3f} "
               f"(target <= 1.05)")
+    if fused_rows:
+        print_table(f"Fused router fwd+bwd, ms, {machine()}",
+                    ["T", "E", "K", "LossFreeRouter fused", f"/ {megatron}", "TE fused (Megatron)", "/ TE fused"],
+                    fused_rows)
+        for column, label, target in ((4, "fused / megatron", 0.4), (6, "fused / TE fused", 1.0)):
+            ratios = sorted(float(r[column]) for r in fused_rows if r[column] != "-")
+            if ratios:
+                print(f"router {label}: median over shapes {ratios[len(ratios) // 2]:.3f}, max {ratios[-1]:.3f} "
+                      f"(target <= {target})")
     return 0
 
 

@@ -12,13 +12,14 @@ Stages, each a subprocess with its own timeout; the total stays under 8 minutes,
 times out is reported while the next one runs:
 
   card          the GPU: name, memory, compute capability, NVIDIA driver, CUDA, torch, TE, megatron-core
-  gpu-tests     pytest -m "gpu or fp8" tests/gpu
+  gpu-tests     pytest -m "gpu or fp8" tests/gpu (the fused Triton router on CUDA and its CUDA-graph capture among them)
   train-bf16    50 steps of mlf-pretrain with the plugin (bias balancing), bf16, TE spec (grouped GEMMs)
   train-bf16-native  the same 50 steps with Megatron-Core's own router and expert bias (the plugin off);
                 the summary gives the plugin's tokens/s over this one's
   train-fp8     the same 50 steps with FP8 GEMMs (--fp8-format hybrid --fp8-recipe tensorwise); TE's FP8
                 context covers the grouped expert GEMMs and the attention/dense linears alike
-  router        benchmarks/bench_router.py: LossFreeRouter vs Megatron's TopKRouter with expert bias
+  router        benchmarks/bench_router.py: LossFreeRouter, unfused and fused (--moe-router-fusion, the plugin's
+                Triton kernels), vs Megatron's TopKRouter with expert bias, unfused and (with TE) TE's fused router
   router-fused  the same against Megatron's moe_router_fusion=True (TE's fused top-k)
 
 Every line a stage prints is echoed with the card name in front; a summary table (stage, status, seconds,
@@ -91,7 +92,7 @@ def plan(python: str, *, have_te: bool) -> list[Stage]:
         Stage("train-fp8", (*pretrain, "--transformer-impl", "transformer_engine", "--fp8-format", "hybrid",
                             "--fp8-recipe", "tensorwise", "--out", f"{OUT}/train-fp8"), 75,
               skip=None if have_te else te_missing, out_dir=f"{OUT}/train-fp8"),
-        Stage("router", (python, "benchmarks/bench_router.py"), 45),
+        Stage("router", (python, "benchmarks/bench_router.py"), 70),
         Stage("router-fused", (python, "benchmarks/bench_router.py", "--megatron-fusion"), 45,
               skip=None if have_te else te_missing),
     ]

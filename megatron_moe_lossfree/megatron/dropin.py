@@ -25,7 +25,9 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 | moe_router_bias_update_rate 0                    | moves; loads counted and MaxVio logged as usual)          |
 | moe_expert_rank_capacity_factor (0.19, flex)     | honoured: loads counted before the dispatcher's drops;    |
 |                                                  | drop_fraction counts only the plugin's (``notes``, logged)|
-| sinkhorn, moe_router_fusion, mtp_num_layers,     | refused by name                                           |
+| moe_router_fusion                                | honoured: the plugin's Triton router (fused_routing.py);  |
+|                                                  | refused by name without Triton, or without CUDA           |
+| sinkhorn, mtp_num_layers,                        | refused by name                                           |
 | CUDA graphs over the router, inference_optimized |                                                           |
 | a router / MoE layer class in the spec that is   | refused by class and slot (``specs.py``)                  |
 | not Megatron's TopKRouter / MoELayer             |                                                           |
@@ -102,9 +104,15 @@ def refusals(config, lossfree: LossFreeConfig):
     if unknown:
         yield (f"{cli('moe_router_load_balancing_type')} ({', '.join(unknown)}) is unknown to the plugin: use "
                f"aux_loss, seq_aux_loss, global_aux_loss or none")
-    if getattr(config, "moe_router_fusion", False):
-        yield (f"{cli('moe_router_fusion')} (True) is not supported with the plugin's router (its selection adds "
-               f"the plugin's bias, which the fused kernel does not see): drop {cli('moe_router_fusion')}")
+    if getattr(config, "moe_router_fusion", False):  # honoured by the plugin's Triton router (fused_routing.py)
+        from megatron_moe_lossfree import kernels
+
+        reason = kernels.unavailable_reason()
+        if reason:
+            yield f"{cli('moe_router_fusion')} (True) {reason}; or drop {cli('moe_router_fusion')}"
+        if getattr(config, "moe_router_dtype", None) == "fp64":
+            yield (f"{cli('moe_router_fusion')} (True) with {cli('moe_router_dtype')} (fp64): the fused router "
+                   f"computes in fp32; use {cli('moe_router_dtype')} fp32 or drop {cli('moe_router_fusion')}")
     if getattr(config, "mtp_num_layers", None):
         yield (f"{cli('mtp_num_layers')} ({config.mtp_num_layers}) is not supported (Megatron builds MTP layers "
                f"from its own spec, so their routers would bypass the plugin's bias, dropping and counts): "

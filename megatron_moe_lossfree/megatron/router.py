@@ -37,7 +37,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_moe_lossfree import balancing, quantile, routing
 from megatron_moe_lossfree.config import LossFreeConfig, flag
 from megatron_moe_lossfree.errors import LossFreeConfigError
-from megatron_moe_lossfree.megatron import compat, dropin
+from megatron_moe_lossfree.megatron import compat, dropin, fused_routing
 
 
 class NonFiniteRouterError(FloatingPointError):
@@ -159,13 +159,19 @@ class LossFreeRouter(TopKRouter):
     def count_loads(self, experts_TK: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> None:
         """Pre-drop loads of the valid (non-padding) tokens: training counts drive the bias; evaluation
         counts only feed MaxVio_global."""
-        training = self.is_counting()  # decided outside no_grad
-        if not (training or not self.training):
+        if not (self.is_counting() or not self.training):
             return
         with torch.no_grad():
             keep_TK = None if valid_T is None else valid_T.unsqueeze(1).expand_as(experts_TK)
             counts_E = routing.count_tokens_per_expert(experts_TK, self.config.num_moe_experts, keep_TK)
-            if training:
+        self.add_loads(counts_E)
+
+    def add_loads(self, counts_E: torch.Tensor) -> None:
+        """Add one forward's int64 counts: to the training loads (and this micro-batch's) in a counting forward,
+        to the evaluation loads in an evaluation forward (the caller checked that this forward counts at all:
+        a training forward without grad never does)."""
+        with torch.no_grad():
+            if self.training:
                 self.local_tokens_per_expert += counts_E
                 self.micro_batch_counts.append(counts_E)
             else:
@@ -221,7 +227,8 @@ class LossFreeRouter(TopKRouter):
     def selects_on_logits(self) -> bool:
         return self.quantile and self.lossfree.quantile_space == "logits"
 
-    def observe_quantile(self, select_TE: torch.Tensor, valid_T: Optional[torch.Tensor]) -> torch.Tensor:
+    def observe_quantile(self, select_TE: torch.Tensor, valid_T: Optional[torch.Tensor],
+                         cutoff_T: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The quantile rule's per-micro-batch work (pure maths in ``quantile.py``), in a training forward
         with grad only (so activation recompute observes each micro-batch once, like the counts).
 
@@ -233,7 +240,9 @@ class LossFreeRouter(TopKRouter):
         over the experts each token could reach (``reachable_TE``: beyond Megatron, which refuses groups).
 
         Returns this rank's experts_TK: the top-K of the same biased top-(K+1) that gives the cutoffs (as
-        Megatron's ``qb_dual_update``), so the selection costs no second top-K.
+        Megatron's ``qb_dual_update``), so the selection costs no second top-K. The fused router passes the
+        cutoffs of its own top-(K+1) (``cutoff_T``, this rank's rows): then no top-(K+1) runs here (unless the
+        rows were gathered) and None is returned.
         """
         cfg = self.lossfree
         with torch.no_grad():
@@ -242,18 +251,21 @@ class LossFreeRouter(TopKRouter):
             if cfg.quantile_estimator == "exact":
                 values_TE, valid_T, rows = self.gather_tp_cp(values_TE, valid_T)
             reachable_TE = self.reachable_experts(values_TE)
-            cut = quantile.qb_cutoff(values_TE, self.expert_bias, self.topk, reachable_TE=reachable_TE)
+            cut = None
+            if cutoff_T is None or rows != slice(None):
+                cut = quantile.qb_cutoff(values_TE, self.expert_bias, self.topk, reachable_TE=reachable_TE)
+                cutoff_T = cut.cutoff_T
             if cfg.quantile_estimator == "exact":
                 solved_E = quantile.qb_exact_solve_E(values_TE, self.expert_bias, self.topk, valid_T=valid_T,
-                                                     reachable_TE=reachable_TE, cutoff_T=cut.cutoff_T)
+                                                     reachable_TE=reachable_TE, cutoff_T=cutoff_T)
                 self.qb_solution_sum += solved_E.float()
                 self.qb_observed += 1
             else:
                 self.qb_histogram += quantile.qb_histogram_EB(
                     values_TE, self.expert_bias, self.topk, bins=cfg.quantile_bins, margin=cfg.quantile_margin,
-                    valid_T=valid_T, reachable_TE=reachable_TE, cutoff_T=cut.cutoff_T)
+                    valid_T=valid_T, reachable_TE=reachable_TE, cutoff_T=cutoff_T)
                 self.qb_observed += values_TE.shape[0] if valid_T is None else valid_T.sum()
-            return cut.experts_TK[rows]
+            return cut.experts_TK[rows] if cut is not None else None
 
     def reachable_experts(self, values_TE: torch.Tensor) -> Optional[torch.Tensor]:
         """bool [T, E] of the experts the route limit left each token (chosen on the biased values, as the
@@ -313,6 +325,8 @@ class LossFreeRouter(TopKRouter):
         ``padding_mask`` [S, B], True for padding (Megatron's convention): padded tokens are routed (the
         dispatcher needs every row) but never counted, and Megatron's losses and z-loss skip them.
         """
+        if fused_routing.applies(self):  # --moe-router-fusion: the same answer from the Triton kernels
+            return fused_routing.route(self, logits, padding_mask)
         seq_length, batch = logits.shape[:2]
         logits_TE = logits.view(-1, self.config.num_moe_experts)
         pad_T = padding_mask.reshape(-1) if padding_mask is not None else None

@@ -29,9 +29,6 @@ REFUSED = {
     "sinkhorn": (dict(moe_router_load_balancing_type="sinkhorn"), None,
                  "--moe-router-load-balancing-type (sinkhorn) is not supported by the plugin's router: use "
                  "--moe-router-enable-expert-bias or --lossfree-balancing bias (loss-free), or aux_loss"),
-    "fusion": (dict(moe_router_fusion=True), None,
-               "--moe-router-fusion (True) is not supported with the plugin's router (its selection adds the "
-               "plugin's bias, which the fused kernel does not see): drop --moe-router-fusion"),
     "mtp": (dict(mtp_num_layers=1), None,
             "--mtp-num-layers (1) is not supported (Megatron builds MTP layers from its own spec, so their routers "
             "would bypass the plugin's bias, dropping and counts): train without MTP"),
@@ -68,8 +65,35 @@ def test_refusals_name_the_flag_the_value_and_the_fix(name):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(LossFreeConfigError) as info:
-        resolve_lossfree(megatron(moe_router_fusion=True, mtp_num_layers=2))
-    assert str(info.value).count("; ") == 1 and "--moe-router-fusion" in str(info.value)
+        resolve_lossfree(megatron(moe_router_load_balancing_type="sinkhorn", mtp_num_layers=2))
+    assert str(info.value).count("; ") == 1 and "--mtp-num-layers" in str(info.value)
+
+
+def test_router_fusion_is_refused_by_name_where_it_cannot_run(monkeypatch):
+    """Honoured by the plugin's Triton router; refused without Triton or a CUDA device (Megatron's own fused
+    router raises at the first forward there: it needs Transformer Engine)."""
+    import importlib.util
+
+    import megatron_moe_lossfree.kernels as kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LossFreeConfigError) as info:
+        resolve_lossfree(megatron(moe_router_fusion=True))
+    assert str(info.value).startswith("--moe-router-fusion (True) needs a CUDA device")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None if name == "triton" else find_spec(name))
+    with pytest.raises(LossFreeConfigError) as info:
+        resolve_lossfree(megatron(moe_router_fusion=True))
+    assert str(info.value) == ("--moe-router-fusion (True) needs Triton, which is not installed: pip install "
+                               "'megatron_moe_lossfree[kernels]'; or drop --moe-router-fusion")
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", find_spec)
+    assert resolve_lossfree(megatron(moe_router_fusion=True)) is not None
+    with pytest.raises(LossFreeConfigError) as info:
+        resolve_lossfree(megatron(moe_router_fusion=True, moe_router_dtype="fp64"))
+    assert str(info.value) == ("--moe-router-fusion (True) with --moe-router-dtype (fp64): the fused router computes "
+                               "in fp32; use --moe-router-dtype fp32 or drop --moe-router-fusion")
 
 
 def test_graph_scope_outside_the_router_and_the_megatron_mappings_are_accepted():
