@@ -26,6 +26,6 @@ def unavailable_reason(device_is_cuda: bool | None = None) -> str | None:
 
         device_is_cuda = torch.cuda.is_available()
     if not device_is_cuda and not interpreting():
-        return ("needs a CUDA device (the fused router is a Triton GPU kernel; TRITON_INTERPRET=1 runs it on the "
-                "host, for tests only): run on a GPU")
+        return ("needs a CUDA device (the fused router is a Triton GPU kernel, and TRITON_INTERPRET=1 runs it on the "
+                "host for tests only): run on a GPU")
     return None

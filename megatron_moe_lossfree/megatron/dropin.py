@@ -109,10 +109,10 @@ def refusals(config, lossfree: LossFreeConfig):
 
         reason = kernels.unavailable_reason()
         if reason:
-            yield f"{cli('moe_router_fusion')} (True) {reason}; or drop {cli('moe_router_fusion')}"
+            yield f"{cli('moe_router_fusion')} (True) {reason}, or drop {cli('moe_router_fusion')}"
         if getattr(config, "moe_router_dtype", None) == "fp64":
             yield (f"{cli('moe_router_fusion')} (True) with {cli('moe_router_dtype')} (fp64): the fused router "
-                   f"computes in fp32; use {cli('moe_router_dtype')} fp32 or drop {cli('moe_router_fusion')}")
+                   f"computes in fp32: use {cli('moe_router_dtype')} fp32 or drop {cli('moe_router_fusion')}")
     if getattr(config, "mtp_num_layers", None):
         yield (f"{cli('mtp_num_layers')} ({config.mtp_num_layers}) is not supported (Megatron builds MTP layers "
                f"from its own spec, so their routers would bypass the plugin's bias, dropping and counts): "

@@ -24,7 +24,8 @@ REFUSAL_CASES = [  # (Megatron fields, plugin options)
     (dict(moe_router_load_balancing_type="sinkhorn"), None),
     (dict(moe_router_load_balancing_type=["quantile_balancing", "aux_loss"]), None),
     (dict(moe_router_load_balancing_type="softmax_loss"), None),
-    (dict(moe_router_fusion=True), None),
+    (dict(moe_router_fusion=True), None),  # on a machine without CUDA
+    (dict(moe_router_fusion=True, moe_router_dtype="fp64"), None),
     (dict(mtp_num_layers=1), None),
     (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope=["moe_router"]), None),
     (dict(transformer_impl="inference_optimized"), None),

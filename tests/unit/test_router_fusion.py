@@ -109,5 +109,5 @@ def test_fusion_is_refused_by_name_without_cuda(megatron_world, monkeypatch):
     with pytest.raises(LossFreeConfigError) as info:
         make_router(megatron_world, moe_router_fusion=True)
     assert str(info.value) == (
-        "--moe-router-fusion (True) needs a CUDA device (the fused router is a Triton GPU kernel; TRITON_INTERPRET=1 "
-        "runs it on the host, for tests only): run on a GPU; or drop --moe-router-fusion")
+        "--moe-router-fusion (True) needs a CUDA device (the fused router is a Triton GPU kernel, and TRITON_INTERPRET=1 "
+        "runs it on the host for tests only): run on a GPU, or drop --moe-router-fusion")
