@@ -67,14 +67,23 @@ def assert_valid_routing_dump(out_dir, *, step, tokens, layers, num_experts, top
     assert floor.maxvio_global <= floor.learned + 1e-12
 
 
-def test_resume_continues_exactly(tmp_path):
+# The second case carries state across the checkpoint besides the bias (issue 28): SMEBU's momentum (a router
+# buffer) and the primal_dual schedule's step count (the balancer's state); were either lost, the bias of
+# steps 4-6 would differ from the uninterrupted run's.
+RESUME_RULES = {"sign": [], "smebu-primal-dual": ["--lossfree-update-rule", "smebu", "--lossfree-rate-schedule",
+                                                  "primal_dual", "--lossfree-rate-decay-steps", "2"]}
+
+
+@pytest.mark.parametrize("rule", list(RESUME_RULES))
+def test_resume_continues_exactly(tmp_path, rule):
     full, part = tmp_path / "full", tmp_path / "part"
-    run_cli("--train-iters", "6", "--save", str(full / "ckpt"), "--save-interval", "3", "--out", str(full))
+    flags = RESUME_RULES[rule]
+    run_cli(*flags, "--train-iters", "6", "--save", str(full / "ckpt"), "--save-interval", "3", "--out", str(full))
     # A second job that stops at step 3: take the full run's step-3 checkpoint as its latest.
     os.makedirs(part / "ckpt")
     shutil.copytree(full / "ckpt" / "iter_0000003", part / "ckpt" / "iter_0000003")
     (part / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
-    run_cli("--train-iters", "6", "--load", str(part / "ckpt"), "--out", str(part))
+    run_cli(*flags, "--train-iters", "6", "--load", str(part / "ckpt"), "--out", str(part))
     a, b = train_rows(full), train_rows(part)
     assert sorted(b) == [4, 5, 6]
     # Same process layout, same operations: the resumed steps are bit-for-bit the uninterrupted ones.
