@@ -100,10 +100,10 @@ def test_resume_continues_exactly(tmp_path, rule):
 def test_checkpoint_without_rule_state_is_refused_by_a_stateful_rule(tmp_path):
     """A sign-rule checkpoint has no lossfree_rule_state: a SMEBU job loading it stops with one line naming
     the missing key, instead of starting SMEBU's momentum from zero unnoticed."""
-    run_cli("--train-iters", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "1", "--eval-iters", "0",
+    run_cli("--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--eval-iters", "0",
             "--out", str(tmp_path / "a"))
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
-    proc = subprocess.run([sys.executable, "-m", "megatron_moe_lossfree", "pretrain", *TINY, "--train-iters", "2",
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe_lossfree", "pretrain", *TINY, "--train-iters", "3",
                            "--lossfree-update-rule", "smebu", "--load", str(tmp_path / "ckpt"), "--eval-iters", "0",
                            "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
