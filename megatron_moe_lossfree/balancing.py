@@ -72,6 +72,102 @@ UPDATE_RULES: dict[str, Callable] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------
+# Rules with state (2025-2026): (bias, error, mean, rate, state, params) -> (new bias, new state).
+# The state is per layer and expert like the bias ([E] or [L, E]); the balancer keeps it in a persistent
+# router buffer (``lossfree_rule_state``), so checkpoints carry it and a resumed run continues exactly.
+# A rate of 0 (a frozen schedule) leaves bias and state untouched (``apply_stateful_rule``).
+# --------------------------------------------------------------------------------------------------
+
+
+def rule_smebu(bias, error, mean, rate, momentum, *, kappa: float, beta: float):
+    """SMEBU, Arcee Trinity Large (arXiv 2602.17004, section on MoE load balancing):
+    v = (mean(c) - c) / mean(c)  (normalised violation, independent of batch size);
+    d = u * tanh(kappa * v);  d -= mean(d)  (soft clamp, mean-centred);
+    m = beta * m + (1 - beta) * d;  b += m  (momentum).
+    Trinity Large: u (lambda) = 5e-4, beta = 0.5, kappa = 2. Read from two independent write-ups of the
+    report's update (its PDF was not in our sources); the order (centre, then momentum) is theirs.
+    A layer with mean load 0 gets v = 0."""
+    violation = torch.where(mean > 0, error / mean.clamp_min(1e-300), torch.zeros_like(error))
+    delta = rate * torch.tanh(kappa * violation)
+    delta = delta - delta.mean(dim=-1, keepdim=True)
+    momentum = beta * momentum + (1.0 - beta) * delta
+    return bias + momentum, momentum
+
+
+def rule_phi(bias, error, mean, rate, share, *, ema: float):
+    """phi-Balancing (arXiv 2605.15403): mirror descent on the dual of min phi(E[routing distribution])
+    gives an EMA of the routing distribution and a bias from the potential's gradient at it.
+
+    OUR READING (the paper's equations were not in our sources, only its abstract): the routing
+    distribution of a step is p = c / sum(c); the state q is its EMA, q = ema * q + (1 - ema) * p (q starts
+    uniform, 1/E); phi is the negative entropy sum q log q (strictly convex, symmetric, differentiable, as
+    the abstract asks), so grad phi = log q + 1, and the bias is b = -u * (log(E q) - mean(log(E q))) with
+    u the scale (--lossfree-update-rate). An overloaded expert (q > 1/E) gets a negative bias; q is floored
+    at 1e-30 inside the log only. The bias is a function of q (not accumulated): a persistent router
+    preference is met by a persistent share above 1/E, by design of a potential, unlike the sign rule."""
+    counts = mean - error
+    total = counts.sum(dim=-1, keepdim=True)
+    step_share = torch.where(total > 0, counts / total.clamp_min(1e-300), share)
+    share = ema * share + (1.0 - ema) * step_share
+    grad = torch.log(share.clamp_min(1e-30) * share.shape[-1])
+    return -rate * (grad - grad.mean(dim=-1, keepdim=True)), share
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulRule:
+    """A rule with per-expert state: its function, the state's initial value, and the config fields of its
+    hyperparameters (``fn(..., **{param: config value})``)."""
+
+    fn: Callable
+    initial_state: Callable[[int], float]
+    """E -> the state's value for every expert at step 0."""
+    params: dict[str, str]
+    """keyword of ``fn`` -> LossFreeConfig field."""
+
+
+STATEFUL_RULES: dict[str, StatefulRule] = {
+    "smebu": StatefulRule(rule_smebu, lambda experts: 0.0, {"kappa": "smebu_kappa", "beta": "smebu_momentum"}),
+    "phi": StatefulRule(rule_phi, lambda experts: 1.0 / experts, {"ema": "phi_ema"}),
+}
+
+
+def apply_stateful_rule(
+    rule: StatefulRule, bias: torch.Tensor, counts: torch.Tensor, state: torch.Tensor, rate: float, **params
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new bias, new state) after one step's loads, in float64, cast back to the inputs' dtypes. Pure: the
+    inputs are not modified. Rate 0 (a frozen schedule) returns exact copies: the bias stops moving."""
+    if rate == 0.0:
+        return bias.detach().clone(), state.detach().clone()
+    counts_f64 = counts.to(device=bias.device, dtype=torch.float64)
+    mean = counts_f64.mean(dim=-1, keepdim=True)
+    new_bias, new_state = rule.fn(bias.detach().to(torch.float64), mean - counts_f64, mean, rate,
+                                  state.detach().to(torch.float64), **params)
+    return new_bias.to(bias.dtype), new_state.to(state.dtype)
+
+
+def update_bias_with_state(
+    bias: torch.Tensor, counts: torch.Tensor, state: torch.Tensor, *, rule: str, rate: float, **params
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``update_bias`` for a rule of STATEFUL_RULES: returns (new bias, new state); state has the bias's
+    shape (``initial_rule_state`` gives step 0's)."""
+    stateful = lookup_choice(STATEFUL_RULES, rule, "rule")
+    check_rate(rate, "rate")
+    _check_bias_counts(bias, counts)
+    if not isinstance(state, torch.Tensor) or state.shape != bias.shape or not state.is_floating_point():
+        raise LossFreeConfigError(
+            f"state ({_describe(state)}) must be a floating tensor shaped like the bias {tuple(bias.shape)}: "
+            f"start from initial_rule_state")
+    with torch.no_grad():
+        return apply_stateful_rule(stateful, bias, counts, state, float(rate), **params)
+
+
+def initial_rule_state(rule: str, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """The state of a STATEFUL_RULES rule before its first update (experts on the last dim)."""
+    stateful = lookup_choice(STATEFUL_RULES, rule, "rule")
+    return torch.full(tuple(shape), stateful.initial_state(tuple(shape)[-1]), dtype=dtype, device=device)
+
+
 def update_bias(
     bias: torch.Tensor, counts: torch.Tensor, *, rule: str, rate: float
 ) -> torch.Tensor:
@@ -82,8 +178,19 @@ def update_bias(
     and the rule is evaluated in float64, then cast back to the bias dtype once: integral counts
     and float64 keep the sign exact (REFERENCE section 9, Megatron-Core's bf16 count trap).
     """
+    if rule in STATEFUL_RULES:
+        raise LossFreeConfigError(
+            f"rule ({rule!r}) keeps state between steps: call update_bias_with_state (the balancer keeps the "
+            f"state in a checkpointed router buffer)")
     rule_fn = lookup_choice(UPDATE_RULES, rule, "rule")
     check_rate(rate, "rate")
+    _check_bias_counts(bias, counts)
+    with torch.no_grad():
+        return apply_update_rule(rule_fn, bias, counts, float(rate))
+
+
+def _check_bias_counts(bias, counts) -> None:
+    """The argument checks shared by ``update_bias`` and ``update_bias_with_state``."""
     if (
         not isinstance(bias, torch.Tensor)
         or not bias.is_floating_point()
@@ -108,8 +215,6 @@ def update_bias(
             f"counts shape {tuple(counts.shape)} must equal bias shape {tuple(bias.shape)}: "
             f"pass one count per expert (per layer)"
         )
-    with torch.no_grad():
-        return apply_update_rule(rule_fn, bias, counts, float(rate))
 
 
 def apply_update_rule(rule_fn: Callable, bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
@@ -151,10 +256,23 @@ def schedule_v3(rate: float, freeze_after_tokens: int | None, tokens_seen: int) 
     return rate if tokens_seen < freeze_after_tokens else 0.0
 
 
+def schedule_primal_dual(rate: float, decay_steps: int, steps_done: int) -> float:
+    """Han & Zhong (arXiv 2512.03915): aux-loss-free balancing as a one-step primal-dual method; in their
+    online formulation the objective is strongly convex and the expected regret is logarithmic "under
+    certain step-size choices". For a strongly convex online problem that choice is the classical step
+    ~ 1/t (online gradient descent with eta_t = 1/(mu t)).
+    OUR READING (the theorem's constant 1/mu, mu the strong-convexity modulus, is not observable in
+    training): u_t = u * tau / (tau + t) for the update after t steps -- u for the first update, then
+    ~ u tau / t. tau is --lossfree-rate-decay-steps."""
+    return rate * decay_steps / (decay_steps + steps_done)
+
+
 RATE_SCHEDULES: dict[str, Callable[[float, int | None, int], float]] = {
     "constant": schedule_constant,
     "v3": schedule_v3,
 }
+STEP_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {"primal_dual": schedule_primal_dual}
+"""Schedules of the step count (rate, decay_steps, steps_done) rather than of the tokens seen."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +285,21 @@ class RateSchedule:
     """u, the update rate (LFB / V3: 0.001)."""
     freeze_after_tokens: int | None = None
     """'v3' only: tokens after which u becomes 0 (V3: 14.3e12)."""
+    decay_steps: int | None = None
+    """'primal_dual' only: tau of u_t = u * tau / (tau + t)."""
 
     def __post_init__(self) -> None:
-        lookup_choice(RATE_SCHEDULES, self.name, "name")
+        lookup_choice({**RATE_SCHEDULES, **STEP_SCHEDULES}, self.name, "name")
         check_rate(self.rate, "rate")
+        steps = self.decay_steps
+        if self.name in STEP_SCHEDULES and (steps is None or isinstance(steps, bool) or steps <= 0):
+            raise LossFreeConfigError(
+                f"decay_steps ({steps!r}) must be a positive step count with schedule {self.name!r}: set "
+                f"it (e.g. a tenth of the run)")
+        if self.name not in STEP_SCHEDULES and steps is not None:
+            raise LossFreeConfigError(
+                f"decay_steps ({steps!r}) is only used by schedule 'primal_dual': drop it or choose that "
+                f"schedule")
         tokens = self.freeze_after_tokens
         if self.name == "v3" and (tokens is None or isinstance(tokens, bool) or tokens <= 0):
             raise LossFreeConfigError(
@@ -183,16 +312,18 @@ class RateSchedule:
                 f"drop it or choose name 'v3'"
             )
 
-    def rate_at(self, tokens_seen: int) -> float:
-        """Rate for the update after ``tokens_seen`` tokens have been trained on."""
+    def rate_at(self, tokens_seen: int, steps_done: int = 0) -> float:
+        """Rate for the update after ``tokens_seen`` tokens (and ``steps_done`` updates) so far."""
+        if self.name in STEP_SCHEDULES:
+            return float(STEP_SCHEDULES[self.name](self.rate, self.decay_steps, steps_done))
         return float(RATE_SCHEDULES[self.name](self.rate, self.freeze_after_tokens, tokens_seen))
 
 
 def make_rate_schedule(
-    name: str, rate: float, freeze_after_tokens: int | None = None
+    name: str, rate: float, freeze_after_tokens: int | None = None, decay_steps: int | None = None
 ) -> RateSchedule:
     """Build a validated RateSchedule (raises LossFreeConfigError with the fix)."""
-    return RateSchedule(name=name, rate=rate, freeze_after_tokens=freeze_after_tokens)
+    return RateSchedule(name=name, rate=rate, freeze_after_tokens=freeze_after_tokens, decay_steps=decay_steps)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ from typing import Literal, Optional
 from megatron_moe_lossfree.errors import LossFreeConfigError
 
 Balancing = Literal["none", "bias"]
-UpdateRule = Literal["sign", "proportional", "sign_centered", "multiplicative", "quantile"]
+UpdateRule = Literal["sign", "proportional", "sign_centered", "multiplicative", "quantile", "smebu", "phi", "bip"]
 QuantileEstimator = Literal["exact", "histogram"]
 QuantileSpace = Literal["logits", "scores"]
-RateScheduleName = Literal["constant", "v3"]
+RateScheduleName = Literal["constant", "v3", "primal_dual"]
 BiasKind = Literal["additive", "multiplicative"]
 RouteLimit = Literal["none", "device", "node"]
 AuxLossScope = Literal["sequence", "micro_batch"]
@@ -27,10 +27,10 @@ DropPolicy = Literal["probs", "position"]
 
 CHOICES = {
     "balancing": ("none", "bias"),
-    "update_rule": ("sign", "proportional", "sign_centered", "multiplicative", "quantile"),
+    "update_rule": ("sign", "proportional", "sign_centered", "multiplicative", "quantile", "smebu", "phi", "bip"),
     "quantile_estimator": ("exact", "histogram"),
     "quantile_space": ("logits", "scores"),
-    "rate_schedule": ("constant", "v3"),
+    "rate_schedule": ("constant", "v3", "primal_dual"),
     "bias_kind": ("additive", "multiplicative"),
     "route_limit": ("none", "device", "node"),
     "aux_loss_scope": ("sequence", "micro_batch"),
@@ -55,6 +55,20 @@ class LossFreeConfig:
     """"constant": u every step; "v3": u until ``freeze_bias_after_tokens`` tokens, then 0 (V3 4.2)."""
     freeze_bias_after_tokens: Optional[int] = None
     """Tokens after which the v3 schedule freezes the bias (V3: 14.3T). Required by "v3"."""
+    rate_decay_steps: Optional[int] = None
+    """tau of the "primal_dual" schedule u_t = u * tau / (tau + t) (our reading of Han & Zhong, arXiv
+    2512.03915: steps ~ 1/t for their logarithmic regret). Required by "primal_dual"."""
+    smebu_kappa: float = 2.0
+    """SMEBU (arXiv 2602.17004): kappa of the soft clamp tanh(kappa * v). Trinity Large: 2."""
+    smebu_momentum: float = 0.5
+    """SMEBU: beta of the momentum m = beta * m + (1 - beta) * d. Trinity Large: 0.5 (its lambda, 5e-4,
+    is --lossfree-update-rate)."""
+    phi_ema: float = 0.9
+    """phi-Balancing (arXiv 2605.15403): decay of the EMA of the routing distribution (ours: the paper's
+    value was not in our sources; the scale is --lossfree-update-rate)."""
+    bip_iterations: int = 4
+    """BIP-based balancing (arXiv 2502.15451): alternating dual (ADMM) iterations per step (ours: the
+    paper's value was not in our sources). Uses the quantile machinery: --lossfree-quantile-ema applies."""
     bias_kind: BiasKind = "additive"
     """"additive": select on s + b (b starts at 0); "multiplicative": select on s * b (b starts at 1)."""
 
@@ -140,7 +154,21 @@ def _violations(cfg: LossFreeConfig):
         if cfg.rate_schedule == "v3" and not (cfg.freeze_bias_after_tokens or 0) > 0:
             yield (f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be a positive "
                    f"token count with {flag('rate_schedule')} v3")
-        if cfg.update_rule == "quantile" and not 0.0 <= cfg.quantile_ema < 1.0:
+        if cfg.rate_schedule == "primal_dual" and not (cfg.rate_decay_steps or 0) > 0:
+            yield (f"{flag('rate_decay_steps')} ({cfg.rate_decay_steps}) must be a positive step count with "
+                   f"{flag('rate_schedule')} primal_dual: give tau of u * tau / (tau + t), e.g. a tenth of the run")
+        if cfg.update_rule == "smebu" and not (math.isfinite(cfg.smebu_kappa) and cfg.smebu_kappa > 0):
+            yield f"{flag('smebu_kappa')} ({cfg.smebu_kappa}) must be a finite number > 0, e.g. 2 (Trinity Large)"
+        if cfg.update_rule == "smebu" and not 0.0 <= cfg.smebu_momentum < 1.0:
+            yield f"{flag('smebu_momentum')} ({cfg.smebu_momentum}) must lie in [0, 1), e.g. 0.5 (Trinity Large)"
+        if cfg.update_rule == "phi" and not 0.0 <= cfg.phi_ema < 1.0:
+            yield f"{flag('phi_ema')} ({cfg.phi_ema}) must lie in [0, 1), e.g. 0.9"
+        if cfg.update_rule == "bip" and (isinstance(cfg.bip_iterations, bool) or cfg.bip_iterations < 1):
+            yield f"{flag('bip_iterations')} ({cfg.bip_iterations}) must be an integer >= 1, e.g. 4"
+        if cfg.update_rule == "bip" and cfg.quantile_estimator != "exact":
+            yield (f"{flag('update_rule')} bip solves the batch's dual exactly: drop {flag('quantile_estimator')} "
+                   f"({cfg.quantile_estimator}) or set it to exact")
+        if cfg.update_rule in ("quantile", "bip") and not 0.0 <= cfg.quantile_ema < 1.0:
             yield (f"{flag('quantile_ema')} ({cfg.quantile_ema}) must lie in [0, 1): 0 replaces the bias each "
                    f"step (Megatron-Core's default), 0.9 keeps 90% of the old one")
         if cfg.update_rule == "quantile" and cfg.quantile_estimator == "histogram" and cfg.quantile_bins < 2:
@@ -151,6 +179,9 @@ def _violations(cfg: LossFreeConfig):
             yield (f"{flag('update_rule')} ({cfg.update_rule}) and {flag('bias_kind')} ({cfg.bias_kind}) "
                    f"disagree: the multiplicative rule goes with the multiplicative bias kind (LFB Table 4), so "
                    f"set both to multiplicative or neither")
+    if cfg.rate_decay_steps is not None and cfg.rate_schedule != "primal_dual":
+        yield (f"{flag('rate_decay_steps')} ({cfg.rate_decay_steps}) is only used by {flag('rate_schedule')} "
+               f"primal_dual: drop it or choose that schedule")
     if cfg.freeze_bias_after_tokens is not None and cfg.freeze_bias_after_tokens < 0:
         yield f"{flag('freeze_bias_after_tokens')} ({cfg.freeze_bias_after_tokens}) must be >= 0"
     for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "device_loss_coeff", "comm_loss_coeff"):

@@ -357,6 +357,44 @@ def qb_blend_center(old_bias: torch.Tensor, mean_solution: torch.Tensor, ema: fl
     return blended - blended.mean(dim=-1, keepdim=True)
 
 
+def bip_solve_E(
+    scores_TE: torch.Tensor,
+    bias_E: torch.Tensor,
+    topk: int,
+    *,
+    iterations: int,
+    valid_T: torch.Tensor | None = None,
+    reachable_TE: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BIP-based balancing (Sun, arXiv 2502.15451): the per-step dual of the binary integer programme
+    max sum s[t, i] x[t, i] s.t. sum_i x[t, i] <= K, sum_t x[t, i] <= T*K/E, x binary, solved by
+    ``iterations`` alternating (ADMM-style) updates of the token duals p_t and expert duals q_i:
+      p_t = (K+1)-th largest of s[t, :] - q          (the cutoff, ``qb_cutoff``);
+      q_i = max(0, (T*K/E + 1)-th largest of s[:, i] - p)   (the column quantile, ``qb_exact_solve_E``).
+    In the plugin's sign convention b = -q: each iteration is one exact QB solve from the previous
+    iterate, then b = min(b, 0) (q >= 0: the capacity constraint is an inequality, so an under-loaded
+    expert's dual is 0, not negative). Warm-started from the current bias, as the paper keeps q across
+    steps. OUR READINGS: the paper applies the solved q to route the batch it was solved on; the plugin
+    routes the NEXT step with it (one update per step, no look at the current batch's own routing, LFB
+    section 2), and averages the micro-batches' solutions as the quantile rule does.
+    Returns [E] in the QB work dtype."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise LossFreeConfigError(f"iterations ({iterations!r}) must be an integer >= 1, e.g. 4")
+    solved_E = _qb_work(bias_E, scores_TE).clone()
+    for _ in range(iterations):
+        solved_E = qb_exact_solve_E(scores_TE, solved_E, topk, valid_T=valid_T,
+                                    reachable_TE=reachable_TE).clamp_max(0.0)
+    return solved_E
+
+
+def bip_blend(old_bias: torch.Tensor, mean_solution: torch.Tensor, ema: float) -> torch.Tensor:
+    """The BIP rule's step finish: min(ema * old + (1 - ema) * mean_solution, 0). No centring: the
+    expert duals q = -b are >= 0 and only their differences from 0 mean something (q = 0: not full)."""
+    if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema <= 1.0:
+        raise LossFreeConfigError(f"ema ({ema!r}) must be a number in [0, 1]: 0 replaces the bias each step")
+    return (ema * old_bias + (1.0 - ema) * mean_solution.to(old_bias.dtype)).clamp_max(0.0)
+
+
 def qb_finish_step(
     old_bias: torch.Tensor, solved: list[torch.Tensor], ema: float
 ) -> torch.Tensor:

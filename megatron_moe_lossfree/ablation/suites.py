@@ -320,10 +320,43 @@ def v3_seqaux(scale: Scale) -> Suite:
                "the loss; V3 itself trains with bias plus alpha = 1e-4.",))
 
 
+def balancers(scale: Scale) -> Suite:
+    """Issue 28: the 2025-2026 bias rules beside LFB's sign step, on the same model with the same metrics.
+    Every rule at its paper's setting where the paper gives one; our settings (README's rule table) where not."""
+    u = scale.lossfree_rate
+    tau = str(scale.train_iters // 10)
+    return Suite(
+        name="balancers", title="The balancers of 2025-2026 vs the sign step",
+        source="SMEBU arXiv 2602.17004; Han & Zhong arXiv 2512.03915; phi-Balancing arXiv 2605.15403; BIP arXiv "
+               "2502.15451; global-batch balance loss arXiv 2501.11873 (none publishes numbers at this scale)",
+        baseline=f"bias-sign-u{u}", paper_columns=("paper",),
+        arms=(Arm(f"bias-sign-u{u}", loss_free("sign", u), paper=(NA,)),
+              Arm("smebu-u5e-4", loss_free("smebu", "5e-4") + ("--lossfree-smebu-kappa", "2",
+                                                                 "--lossfree-smebu-momentum", "0.5"), paper=(NA,)),
+              Arm(f"sign-primal-dual-u1e-2-tau{tau}", loss_free("sign", "1e-2") + (
+                  "--lossfree-rate-schedule", "primal_dual", "--lossfree-rate-decay-steps", tau), paper=(NA,)),
+              Arm("phi-u1e-1-ema0.9", loss_free("phi", "1e-1") + ("--lossfree-phi-ema", "0.9"), paper=(NA,)),
+              Arm("bip-t4", ("--lossfree-balancing", "bias", "--lossfree-update-rule", "bip",
+                             "--lossfree-bip-iterations", "4", "--lossfree-quantile-space", "scores"), paper=(NA,)),
+              Arm("global-aux-a1e-3", ("--lossfree-balancing", "none", "--moe-router-load-balancing-type",
+                                       "global_aux_loss", "--moe-aux-loss-coeff", "1e-3"), paper=(NA,))),
+        metrics=("final_ppl", "maxvio_global", "maxvio_batch_tail", "settle_batch", "bias_jitter_tail"),
+        compare=("final_ppl", "maxvio_global", "maxvio_batch_tail", "settle_batch"),
+        notes=("smebu: Trinity Large's lambda 5e-4, beta 0.5, kappa 2 (the report's setting).",
+               f"sign-primal-dual: the sign step at u_t = 1e-2 * tau / (tau + t), tau = {tau} (a tenth of the run), "
+               "so the rate ends near the paper's 1e-3: our reading of the 1/t steps of Han & Zhong (README).",
+               "phi: negative-entropy potential, scale 0.1, EMA 0.9: our reading and our setting (the paper's "
+               "equations and values were not in our sources; README).",
+               "bip: 4 dual iterations per step on sigmoid scores, applied to the next step (our reading: the paper "
+               "routes the solved batch itself); its bias lives in score space like the sign arm's.",
+               "global-aux: Megatron's global_aux_loss (counts synchronised over the global batch, Qwen arXiv "
+               "2501.11873) with LFB's alpha 1e-3, through Megatron's own code; no bias."))
+
+
 SUITES: dict[str, Callable[[Scale], Suite]] = {
     "lfb-main": lfb_main, "lfb-alpha": lfb_alpha, "lfb-rate": lfb_rate, "lfb-rule": lfb_rule,
     "lfb-bias-kind": lfb_bias_kind, "lfb-softmax": lfb_softmax, "lfb-batch": lfb_batch, "v2-drop": v2_drop,
-    "v3-seqaux": v3_seqaux, "qb": qb,
+    "v3-seqaux": v3_seqaux, "qb": qb, "balancers": balancers,
 }
 ALL = "all"
 """``--suite all``: every suite of SUITES, in this order, sharing runs with identical configurations."""

@@ -13,7 +13,14 @@ import typing
 from megatron_moe_lossfree.config import CHOICES, LossFreeConfig, flag
 
 _HELP_OVERRIDES = {
-    "update_rule": "bias update rule (LFB Tables 3-4; sign is the paper's)",
+    "update_rule": "bias update rule (LFB Tables 3-4; sign is the paper's; smebu, phi, bip: the 2025-2026 rules, "
+                   "README's rule table)",
+    "rate_schedule": "rate schedule: constant (LFB), v3 (freeze after N tokens), primal_dual (u*tau/(tau+t))",
+    "rate_decay_steps": "tau of the primal_dual schedule u*tau/(tau+t) (our reading of arXiv 2512.03915)",
+    "smebu_kappa": "SMEBU soft-clamp scale kappa in tanh(kappa*v) (Trinity Large: 2)",
+    "smebu_momentum": "SMEBU momentum beta (Trinity Large: 0.5)",
+    "phi_ema": "phi-Balancing: decay of the EMA of the routing distribution (ours)",
+    "bip_iterations": "BIP-based balancing: dual (ADMM) iterations per step (ours)",
 }
 
 

@@ -64,7 +64,7 @@ class BiasBalancer:
         self.topk = topk
         self.original_finalize = original_finalize
         self.schedule = balancing.make_rate_schedule(
-            lossfree.rate_schedule, lossfree.update_rate, lossfree.freeze_bias_after_tokens)
+            lossfree.rate_schedule, lossfree.update_rate, lossfree.freeze_bias_after_tokens, lossfree.rate_decay_steps)
         # Where a bias starts: the large-bias warning measures |b - origin|.
         self.bias_origin = 1.0 if lossfree.bias_kind == "multiplicative" else 0.0
         self.tokens_seen = 0
@@ -81,9 +81,13 @@ class BiasBalancer:
         # The flat buffers are built here with fixed dtypes and shapes (fp32 [L, E] bias, int64 [L, E]
         # counts) and the rate is checked by the schedule, so the step applies the rule without
         # ``update_bias``'s per-call argument checks.
-        self.quantile = lossfree.balancing == "bias" and lossfree.update_rule == "quantile"
-        self._rule_fn = None if self.quantile else lookup_choice(balancing.UPDATE_RULES, lossfree.update_rule,
-                                                                  "update_rule")
+        self.quantile = lossfree.balancing == "bias" and lossfree.update_rule in ("quantile", "bip")
+        # A rule with state (SMEBU, phi): its state is each router's ``lossfree_rule_state`` buffer.
+        self._stateful = balancing.STATEFUL_RULES.get(lossfree.update_rule) if lossfree.balancing == "bias" else None
+        self._rule_params = ({key: getattr(lossfree, field) for key, field in self._stateful.params.items()}
+                             if self._stateful else {})
+        self._rule_fn = None if (self.quantile or self._stateful) else lookup_choice(
+            balancing.UPDATE_RULES, lossfree.update_rule, "update_rule")
         # Where a training loop that does not save the balancer's state keeps its own progress:
         # () -> (steps, tokens_seen), read once, at the first step, unless load_state_dict ran.
         self.progress_source: Optional[Callable[[], tuple[int, int]]] = None
@@ -109,11 +113,15 @@ class BiasBalancer:
             flag.copy_(router.nonfinite_logits)
             router.nonfinite_logits = flag
         biases = [r.expert_bias for r in self.routers]
-        self.flat_bias = None
+        self.flat_bias, self.flat_state = None, None
         if all(b is not None for b in biases) and len(set(self.widths)) == 1:
             self.flat_bias = torch.stack(biases).float()
             for router, row in zip(self.routers, self.flat_bias.unbind()):
                 router.expert_bias = row
+            if self._stateful is not None:
+                self.flat_state = torch.stack([r.lossfree_rule_state for r in self.routers]).float()
+                for router, row in zip(self.routers, self.flat_state.unbind()):
+                    router.lossfree_rule_state = row
 
     # Megatron calls config.finalize_model_grads_func(model, num_tokens, ...).
     def __call__(self, *args, **kwargs):
@@ -184,7 +192,7 @@ class BiasBalancer:
         self.last_counts = counts
         # The rate of this update is the one in force for the tokens of this step (V3 4.2: u for
         # the first N tokens), known before the step: no host sync needed to pick it.
-        rate = self.schedule.rate_at(self.tokens_seen)
+        rate = self.schedule.rate_at(self.tokens_seen, self.steps)
         before = self.snapshot_bias()
         over_bound = None
         if self.quantile:
@@ -236,11 +244,19 @@ class BiasBalancer:
     @torch.no_grad()
     def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:
         """All layers at once; returns a 0-d int64 tensor: does any layer exceed the warning bound?"""
-        new_LE = balancing.apply_update_rule(self._rule_fn, self.flat_bias, counts_LE, rate)
+        if self._stateful is not None:
+            new_LE, state_LE = balancing.apply_stateful_rule(self._stateful, self.flat_bias, counts_LE,
+                                                             self.flat_state, rate, **self._rule_params)
+        else:
+            new_LE = balancing.apply_update_rule(self._rule_fn, self.flat_bias, counts_LE, rate)
         rows_L = self.updating_rows()
         if rows_L is not None:
             new_LE = torch.where(rows_L.unsqueeze(1), new_LE, self.flat_bias)
+            if self._stateful is not None:
+                state_LE = torch.where(rows_L.unsqueeze(1), state_LE, self.flat_state)
         self.flat_bias.copy_(new_LE)
+        if self._stateful is not None:
+            self.flat_state.copy_(state_LE)
         return ((new_LE - self.bias_origin).abs() > self.lossfree.bias_warn_bound).any().long()
 
     @torch.no_grad()
@@ -270,7 +286,8 @@ class BiasBalancer:
                 solution_E = quantile.qb_histogram_quantile_E(
                     stats.view(width, cfg.quantile_bins), router.expert_bias, self.topk, num_tokens=observed,
                     margin=cfg.quantile_margin).float()
-            router.expert_bias.copy_(quantile.qb_blend_center(router.expert_bias, solution_E, cfg.quantile_ema))
+            finish = quantile.bip_blend if cfg.update_rule == "bip" else quantile.qb_blend_center
+            router.expert_bias.copy_(finish(router.expert_bias, solution_E, cfg.quantile_ema))
         if self.flat_bias is None:
             self.check_bias_bound(list(range(len(self.routers))), torch.stack([r.expert_bias for r in self.routers]))
             return None
@@ -287,7 +304,14 @@ class BiasBalancer:
         for members in by_width.values():
             bias_LE = torch.stack([self.routers[i].expert_bias for i in members])
             counts_LE = torch.stack([counts[i] for i in members])
-            new_LE = balancing.update_bias(bias_LE, counts_LE, rule=self.lossfree.update_rule, rate=rate)
+            if self._stateful is not None:
+                state_LE = torch.stack([self.routers[i].lossfree_rule_state for i in members])
+                new_LE, state_LE = balancing.update_bias_with_state(
+                    bias_LE, counts_LE, state_LE, rule=self.lossfree.update_rule, rate=rate, **self._rule_params)
+                for i, row in zip(members, state_LE):
+                    self.routers[i].lossfree_rule_state.copy_(row)
+            else:
+                new_LE = balancing.update_bias(bias_LE, counts_LE, rule=self.lossfree.update_rule, rate=rate)
             for i, row in zip(members, new_LE):
                 self.routers[i].expert_bias.copy_(row)
             self.check_bias_bound(members, new_LE)

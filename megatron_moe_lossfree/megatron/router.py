@@ -90,6 +90,19 @@ class LossFreeRouter(TopKRouter):
         self.eval_record: Optional[list[torch.Tensor]] = None
         self.frozen_expert_bias = getattr(self, "frozen_expert_bias", False)  # 0.19's flag; 0.16 lacks it
         self.register_quantile_state()
+        self.register_rule_state()
+
+    def register_rule_state(self) -> None:
+        """The state of a rule that keeps one (SMEBU's momentum, phi-Balancing's EMA: balancing.STATEFUL_RULES)
+        as a persistent fp32 buffer beside ``expert_bias``: Megatron's sharded state dict (replicated, like the
+        bias) and so every checkpoint carry it, and a resumed or resharded run continues exactly. None (no
+        checkpoint key) for the other rules."""
+        cfg = self.lossfree
+        state = None
+        if cfg.balancing == "bias" and cfg.update_rule in balancing.STATEFUL_RULES:
+            state = balancing.initial_rule_state(cfg.update_rule, (self.config.num_moe_experts,),
+                                                 device=buffer_device(self.weight))
+        self.register_buffer("lossfree_rule_state", state)
 
     # -- quantile rule state ------------------------------------------------------------------------
     def register_quantile_state(self) -> None:
@@ -104,7 +117,7 @@ class LossFreeRouter(TopKRouter):
                 del self._buffers[name]
             setattr(self, name, None)
         cfg, num_experts = self.lossfree, self.config.num_moe_experts
-        self.quantile = cfg.balancing == "bias" and cfg.update_rule == "quantile"
+        self.quantile = cfg.balancing == "bias" and cfg.update_rule in ("quantile", "bip")
         exact = self.quantile and cfg.quantile_estimator == "exact"
         histogram = self.quantile and cfg.quantile_estimator == "histogram"
         device = buffer_device(self.weight)
@@ -127,7 +140,7 @@ class LossFreeRouter(TopKRouter):
     def _apply(self, fn, *args, **kwargs):
         """Float16Module casts every floating buffer; the bias must stay fp32 (REFERENCE section 9), and so
         must the quantile rule's fp32 solution sums."""
-        kept = {name: getattr(self, name, None) for name in ("expert_bias", "qb_solution_sum")}
+        kept = {name: getattr(self, name, None) for name in ("expert_bias", "qb_solution_sum", "lossfree_rule_state")}
         module = super()._apply(fn, *args, **kwargs)
         for name, before in kept.items():
             after = getattr(self, name, None)
@@ -255,7 +268,12 @@ class LossFreeRouter(TopKRouter):
             if cutoff_T is None or rows != slice(None):
                 cut = quantile.qb_cutoff(values_TE, self.expert_bias, self.topk, reachable_TE=reachable_TE)
                 cutoff_T = cut.cutoff_T
-            if cfg.quantile_estimator == "exact":
+            if cfg.update_rule == "bip":
+                solved_E = quantile.bip_solve_E(values_TE, self.expert_bias, self.topk, iterations=cfg.bip_iterations,
+                                                valid_T=valid_T, reachable_TE=reachable_TE)
+                self.qb_solution_sum += solved_E.float()
+                self.qb_observed += 1
+            elif cfg.quantile_estimator == "exact":
                 solved_E = quantile.qb_exact_solve_E(values_TE, self.expert_bias, self.topk, valid_T=valid_T,
                                                      reachable_TE=reachable_TE, cutoff_T=cutoff_T)
                 self.qb_solution_sum += solved_E.float()

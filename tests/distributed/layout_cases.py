@@ -172,3 +172,31 @@ def last_stage_losses(per_rank: list) -> Optional[list]:
     for other in reported[1:]:
         assert other == reported[0], f"last-stage ranks disagree on the loss: {reported}"
     return reported[0]
+
+
+def variant_launcher(root: str, variants: dict, cases: Sequence[tuple], by_name: dict, record, label: str):
+    """For the rule-variant layout tests (quantile, 2025-2026 balancers): ``launch(world)`` runs, once, the
+    1-rank references of every variant (``reference-<v>``) or the ``<v>-<layout>`` cases of that world size
+    (after the references, whose step-0 and final checkpoints they read), and returns their results."""
+    from tests.distributed import harness
+    from tests.distributed.harness import Case
+    from tests.distributed.test_layouts import layout_flags
+
+    results = {}
+
+    def launch(world: int) -> dict:
+        if world not in results:
+            if world == 1:
+                todo = [Case(f"reference-{v}", reference_case, dict(workdir=f"{root}/{v}", variant=variants[v]))
+                        for v in variants]
+            else:
+                launch(1)
+                todo = [Case(f"{v}-{n}", layout_case, dict(workdir=f"{root}/{v}", name=n,
+                                                            flags=layout_flags(*by_name[n][2:]), variant=variants[v]))
+                        for v, n in cases if by_name[n][1] == world]
+            run = harness.launch_cases(todo, world, timeout_s=480, workdir=f"{root}/launch-{world}", warm_up=warm_up)
+            record(f"{label}, {world} rank(s), in all", run.total_seconds)
+            results[world] = run.results
+        return results[world]
+
+    return launch

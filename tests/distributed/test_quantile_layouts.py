@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed import harness, layout_cases
-from tests.distributed.harness import Case
-from tests.distributed.test_layouts import LAYOUTS, LOSS_RTOL, WEIGHT_ATOL, layout_flags
+from tests.distributed import layout_cases
+from tests.distributed.test_layouts import LAYOUTS, LOSS_RTOL, WEIGHT_ATOL
 
 pytestmark = pytest.mark.distributed
 
@@ -32,27 +31,8 @@ BY_NAME = {layout[0]: layout for layout in LAYOUTS}
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory, record_distributed_time):
-    root = str(tmp_path_factory.mktemp("quantile-layouts"))
-    results = {}
-
-    def launch(world: int) -> dict:
-        if world not in results:
-            if world == 1:
-                cases = [Case(f"reference-{v}", layout_cases.reference_case,
-                              dict(workdir=f"{root}/{v}", variant=VARIANTS[v])) for v in VARIANTS]
-            else:
-                launch(1)
-                cases = [Case(f"{v}-{n}", layout_cases.layout_case,
-                              dict(workdir=f"{root}/{v}", name=n, flags=layout_flags(*BY_NAME[n][2:]),
-                                   variant=VARIANTS[v]))
-                         for v, n in CASES if BY_NAME[n][1] == world]
-            run = harness.launch_cases(cases, world, timeout_s=480, workdir=f"{root}/launch-{world}",
-                                       warm_up=layout_cases.warm_up)
-            record_distributed_time(f"quantile layouts, {world} rank(s), in all", run.total_seconds)
-            results[world] = run.results
-        return results[world]
-
-    return launch
+    return layout_cases.variant_launcher(str(tmp_path_factory.mktemp("quantile-layouts")), VARIANTS, CASES, BY_NAME,
+                                         record_distributed_time, "quantile layouts")
 
 
 @pytest.mark.parametrize("variant,name", CASES, ids=[f"{v}-{n}" for v, n in CASES])

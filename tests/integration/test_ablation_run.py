@@ -56,7 +56,10 @@ def test_distinct_arms_cover_every_suite():
     chosen = distinct_arms()
     # lfb-rate's arms have lfb-main's loss-free shape (sign rule, a non-zero rate): nothing new to train.
     assert set(chosen) == set(SUITES) - {"lfb-rate"}
-    assert sum(map(len, chosen.values())) == 18
+    assert sum(map(len, chosen.values())) == 23
+    # balancers: its sign arm is lfb-main's shape; the five others are new code paths (issue 28)
+    assert chosen["balancers"] == ["smebu-u5e-4", "sign-primal-dual-u1e-2-tau20", "phi-u1e-1-ema0.9", "bip-t4",
+                                   "global-aux-a1e-3"]
     assert chosen["v2-drop"] == ["drop-free", "device-cf1-exempt0.1", "device-cf1-exempt0", "expert-cf1"]
     assert chosen["qb"] == ["qb-exact", "qb-histogram", "qb-exact-ema0.9"]
     assert "aux-a0" in chosen["lfb-alpha"]

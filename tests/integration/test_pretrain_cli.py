@@ -88,14 +88,23 @@ def assert_valid_routing_dump(out_dir, *, step, tokens, layers, num_experts, top
     assert floor.maxvio_global <= floor.learned + 1e-12
 
 
-def test_resume_continues_exactly(tmp_path):
+# The second case carries state across the checkpoint besides the bias (issue 28): SMEBU's momentum (a router
+# buffer) and the primal_dual schedule's step count (the balancer's state); were either lost, the bias of
+# steps 4-6 would differ from the uninterrupted run's.
+RESUME_RULES = {"sign": [], "smebu-primal-dual": ["--lossfree-update-rule", "smebu", "--lossfree-rate-schedule",
+                                                  "primal_dual", "--lossfree-rate-decay-steps", "2"]}
+
+
+@pytest.mark.parametrize("rule", list(RESUME_RULES))
+def test_resume_continues_exactly(tmp_path, rule):
     full, part = tmp_path / "full", tmp_path / "part"
-    run_cli("--train-iters", "6", "--save", str(full / "ckpt"), "--save-interval", "3", "--out", str(full))
+    flags = RESUME_RULES[rule]
+    run_cli(*flags, "--train-iters", "6", "--save", str(full / "ckpt"), "--save-interval", "3", "--out", str(full))
     # A second job that stops at step 3: take the full run's step-3 checkpoint as its latest.
     os.makedirs(part / "ckpt")
     shutil.copytree(full / "ckpt" / "iter_0000003", part / "ckpt" / "iter_0000003")
     (part / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
-    run_cli("--train-iters", "6", "--load", str(part / "ckpt"), "--out", str(part))
+    run_cli(*flags, "--train-iters", "6", "--load", str(part / "ckpt"), "--out", str(part))
     a, b = train_rows(full), train_rows(part)
     assert sorted(b) == [4, 5, 6]
     # Same process layout, same operations: the resumed steps are bit-for-bit the uninterrupted ones.
@@ -107,3 +116,17 @@ def test_resume_continues_exactly(tmp_path):
     valid_a, valid_b = valid_rows(full), valid_rows(part)
     assert sorted(valid_a) == [3, 6] and sorted(valid_b) == [6]
     assert valid_b[6]["loss"] == valid_a[6]["loss"] and valid_b[6]["maxvio_global"] == valid_a[6]["maxvio_global"]
+
+
+def test_checkpoint_without_rule_state_is_refused_by_a_stateful_rule(tmp_path):
+    """A sign-rule checkpoint has no lossfree_rule_state: a SMEBU job loading it stops with one line naming
+    the missing key, instead of starting SMEBU's momentum from zero unnoticed."""
+    run_cli("--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--save-interval", "2", "--eval-iters", "0",
+            "--out", str(tmp_path / "a"))
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-m", "megatron_moe_lossfree", "pretrain", *TINY, "--train-iters", "3",
+                           "--lossfree-update-rule", "smebu", "--load", str(tmp_path / "ckpt"), "--eval-iters", "0",
+                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "does not match this model" in last and "lossfree_rule_state is not in the checkpoint" in last, last

@@ -160,7 +160,7 @@ def test_dry_run_lists_every_command_and_runs_nothing(tmp_path, capsys):
 def test_bad_input_names_flag_value_and_fix(capsys):
     cases = [
         (["--suite", "lfb-nope"], "--suite (lfb-nope) is unknown: use one of lfb-main, lfb-alpha, lfb-rate, "
-         "lfb-rule, lfb-bias-kind, lfb-softmax, lfb-batch, v2-drop, v3-seqaux, qb, or all"),
+         "lfb-rule, lfb-bias-kind, lfb-softmax, lfb-batch, v2-drop, v3-seqaux, qb, balancers, or all"),
         (["--suite", "lfb-main", "--scale", "7b"], "--scale (7b) is unknown: use one of tiny, small, paper-1b, "
          "paper-3b"),
         (["--suite", "all", "--arms", "aux-a1e-3"], "--arms (aux-a1e-3) needs one --suite, not all: pick the suite "
@@ -420,11 +420,12 @@ def test_suite_all_plans_every_suite_and_shares_identical_runs(tmp_path, capsys)
     assert "arm 19/24 aux-a1e-3-mbs32 seed 1 [reuses lfb-main/aux-a1e-3 seed 1]" in reuse
     if MISSING_QB:
         assert heads[-2].startswith("qb: skipped, its runs do not parse: arm qb-exact seed 1: ")
-        assert heads[-1] == ("105 run(s) in 9 suite(s): 78 distinct configuration(s), 0 finished, "
-                             "62400 training steps to go")
+        assert heads[-1] == ("123 run(s) in 10 suite(s): 93 distinct configuration(s), 0 finished, "
+                             "74400 training steps to go")
     else:
-        assert heads[-1] == ("120 run(s) in 10 suite(s): 87 distinct configuration(s), 0 finished, "
-                             "69600 training steps to go")
+        # balancers adds 6 arms x 3 seeds, its sign arm shared with lfb-main: 15 new configurations
+        assert heads[-1] == ("138 run(s) in 11 suite(s): 102 distinct configuration(s), 0 finished, "
+                             "81600 training steps to go")
     jobs = result["jobs"]
     assert len(reuse) == sum(job.shared for job in jobs) and all(job.run_dir.startswith(str(tmp_path)) for job in jobs)
 

@@ -19,7 +19,7 @@ CASES = [
      "a fixed bias, or --lossfree-balancing none"),
     (["--lossfree-update-rule", "sgn"],
      "--lossfree-update-rule ('sgn') is not a valid choice: use one of sign, proportional, sign_centered, "
-     "multiplicative, quantile"),
+     "multiplicative, quantile, smebu, phi, bip"),
     (["--lossfree-rate-schedule", "v3"],
      "--lossfree-freeze-bias-after-tokens (None) must be a positive token count with --lossfree-rate-schedule v3"),
     (["--data-path", "/nonexistent/x"],

@@ -37,7 +37,7 @@ CASES = {
     # choices
     "unknown rule": (["--lossfree-update-rule", "sgn"],
                      "--lossfree-update-rule ('sgn') is not a valid choice: use one of sign, proportional, "
-                     "sign_centered, multiplicative, quantile"),
+                     "sign_centered, multiplicative, quantile, smebu, phi, bip"),
     "unknown score function": (["--moe-router-score-function", "relu"],
                                "--moe-router-score-function (relu) must be sigmoid or softmax"),
     "unknown preset": (["--preset", "huge"],

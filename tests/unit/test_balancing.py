@@ -189,7 +189,7 @@ def test_constant_schedule():
             ("constant", 1e-3, 100),
             "freeze_after_tokens (100) is only used by schedule 'v3': drop it or choose name 'v3'",
         ),
-        (("cosine", 1e-3), "name ('cosine') is not known: choose one of ['constant', 'v3']"),
+        (("cosine", 1e-3), "name ('cosine') is not known: choose one of ['constant', 'primal_dual', 'v3']"),
         (
             ("constant", -1.0),
             "rate (-1.0) must be a finite number >= 0: the paper uses 0.001 (0 freezes the bias)",
