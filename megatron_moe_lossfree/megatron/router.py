@@ -8,7 +8,9 @@ Forward, in phases (Megatron's ``TopKRouter.routing`` order; Megatron's flags pe
 2. scores_TE = score_function(logits_TE) in fp32               (sigmoid / softmax / sqrtsoftplus)
 3. experts_TK = biased top-K (LFB Alg. 1: bias for selection only) on scores, or on logits for the quantile
    rule in Megatron's space; through Megatron's RouterReplay when replay is on. The quantile rule's top-(K+1)
-   also gives each token's cutoff, and its per-micro-batch statistic is taken here.
+   also gives each token's cutoff, and its per-micro-batch statistic is taken here, in every replay mode
+   (RECORD records that top-K; REPLAY_* dispatches and counts the recorded experts, while the quantile
+   still solves for the bias that balances the router's own choice on these scores).
 4. counts_E += a scatter-add count of experts_TK over the non-padding tokens -- BEFORE any dropping, int64, only in a
    training forward with grad enabled, so eval, no-grad forwards and the no-grad first pass of activation
    recompute never count, and the recompute pass in backward counts each token exactly once.
@@ -173,14 +175,16 @@ class LossFreeRouter(TopKRouter):
             num_groups=self.route_limit_groups(),
             max_groups=cfg.route_max_groups if cfg.route_limit != "none" else None)
 
-    def select_or_replay(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """experts_TK of ``select``, through Megatron's RouterReplay when ``moe_enable_routing_replay`` is on:
-        RECORD stores the plugin's (biased) choice, REPLAY_* routes on the recorded experts."""
+    def select_or_replay(self, scores_TE: torch.Tensor, chosen_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """experts_TK of ``select`` (or ``chosen_TK``, the quantile rule's own choice), through Megatron's
+        RouterReplay when ``moe_enable_routing_replay`` is on: RECORD stores the plugin's (biased) choice,
+        REPLAY_* routes on the recorded experts."""
         if self.router_replay is None:
-            return self.select(scores_TE)
+            return self.select(scores_TE) if chosen_TK is None else chosen_TK
 
         def compute_topk(scores, topk, num_groups=None, group_topk=None):
-            return None, self.select(scores)  # (values, indices): only the indices are used or recorded
+            # (values, indices): only the indices are used or recorded
+            return None, self.select(scores) if chosen_TK is None else chosen_TK
 
         return self.router_replay.get_replay_topk(scores_TE, self.topk, None, None, compute_topk)[1].long()
 
@@ -288,10 +292,10 @@ class LossFreeRouter(TopKRouter):
         # The quantile rule in Megatron's space selects on logits + b (= logits - qb_beta).
         select_TE = logits_TE.detach().float() if self.selects_on_logits() else scores_TE
         valid_T = None if pad_T is None else ~pad_T
-        if self.quantile and self.is_counting() and self.router_replay is None:
-            experts_TK = self.observe_quantile(select_TE, valid_T)  # its top-(K+1) is also the selection
-        else:
-            experts_TK = self.select_or_replay(select_TE)
+        # The quantile rule observes every training micro-batch, replay or not: its solution depends on the
+        # scores and the bias only, never on which experts a replay imposes (docs/notes_qb_megatron.md).
+        chosen_TK = self.observe_quantile(select_TE, valid_T) if self.quantile and self.is_counting() else None
+        experts_TK = self.select_or_replay(select_TE, chosen_TK)  # top-(K+1)'s top-K, or the replayed experts
         self.count_loads(experts_TK, valid_T)
         if self.eval_record is not None and not self.training:
             self.eval_record.append((select_TE if valid_T is None else select_TE[valid_T]).detach().float().cpu())
