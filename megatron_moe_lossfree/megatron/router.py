@@ -216,7 +216,7 @@ class LossFreeRouter(TopKRouter):
             if cfg.quantile_estimator == "exact":
                 solved_E = quantile.qb_exact_solve_E(values_TE, self.expert_bias, self.topk, valid_T=valid_T,
                                                      reachable_TE=reachable_TE, cutoff_T=cut.cutoff_T)
-                self.qb_solution_sum += solved_E.float()
+                quantile.qb_accumulate(self.qb_solution_sum, solved_E)
                 self.qb_observed += 1
             else:
                 self.qb_histogram += quantile.qb_histogram_EB(
