@@ -14,6 +14,9 @@ from megatron_moe_lossfree.config import CHOICES, LossFreeConfig, flag
 
 _HELP_OVERRIDES = {
     "update_rule": "bias update rule (LFB Tables 3-4; sign is the paper's)",
+    "dump_loads": "mlf-pretrain: write every step's loads to OUT/loads.jsonl, one JSON row per optimizer step: "
+                  '{"step": N, "layers": [MoE layer numbers], "loads": [[tokens per expert] per layer]} '
+                  "(pre-drop, summed over the ranks)",
 }
 
 

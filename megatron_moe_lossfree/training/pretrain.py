@@ -295,7 +295,7 @@ def prepare_data(args, data_mod):
 def train(trainer: Trainer) -> dict:
     """The loop: steps, periodic table lines and evaluations, checkpoints, final summary."""
     from megatron_moe_lossfree.training.checkpoint import save_checkpoint
-    from megatron_moe_lossfree.training.metrics_log import eval_metrics, record_valid_routing, step_metrics
+    from megatron_moe_lossfree.training.metrics_log import eval_metrics, record_valid_routing, step_loads, step_metrics
 
     a, log = trainer.args, trainer.logger
     tokens_per_step = a.global_batch_size * a.seq_length
@@ -305,6 +305,8 @@ def train(trainer: Trainer) -> dict:
         loss = trainer.train_step()
         window_steps += 1
         log.advance()
+        if a.lossfree.dump_loads:
+            log.record_loads(trainer.step, step_loads(trainer))
         if summary["first_loss"] is None:
             summary["first_loss"] = loss
         summary["last_loss"] = loss

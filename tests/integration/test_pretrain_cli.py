@@ -30,7 +30,7 @@ def train_rows(out_dir):
 
 
 def test_two_step_run_prints_table_and_validation(tmp_path):
-    proc = run_cli("--train-iters", "2", "--out", str(tmp_path / "run"))
+    proc = run_cli("--train-iters", "2", "--out", str(tmp_path / "run"), "--lossfree-dump-loads")
     assert "step      2/2 | loss " in proc.stdout
     assert "validation at step 2: loss " in proc.stdout and "final validation perplexity" in proc.stdout
     rows = train_rows(tmp_path / "run")
@@ -38,6 +38,12 @@ def test_two_step_run_prints_table_and_validation(tmp_path):
     assert all(0 < rows[s]["loss"] < 20 for s in rows)
     assert len(rows[2]["maxvio_batch_layers"]) == 1  # 2 layers, the first dense
     assert os.listdir(tmp_path / "run" / "tensorboard")
+    # --lossfree-dump-loads: every step's loads, 4 x 32 tokens x top-2 on the one MoE layer, as logged.
+    with open(tmp_path / "run" / "loads.jsonl") as fh:
+        loads = [json.loads(line) for line in fh]
+    assert [(row["step"], row["layers"]) for row in loads] == [(1, [2]), (2, [2])]
+    assert all(len(row["loads"][0]) == 8 and sum(row["loads"][0]) == 4 * 32 * 2 for row in loads)
+    assert [row["loads"] for row in loads] == [rows[1]["loads_layers"], rows[2]["loads_layers"]]
     # The final evaluation's routing (the ablations' oracle floor): one eval batch of 4 x 32 tokens.
     assert_valid_routing_dump(tmp_path / "run", step=2, tokens=4 * 32, layers=[2], num_experts=8, topk=2)
 
