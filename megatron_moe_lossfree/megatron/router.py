@@ -85,7 +85,7 @@ class LossFreeRouter(TopKRouter):
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         # Set to a list by ``metrics_log.record_valid_routing``: evaluation forwards append their selection
-        # values there (the oracle floor of the ablations; None, the default, records nothing).
+        # values there (the ablations' best bias found; None, the default, records nothing).
         self.eval_record: Optional[list[torch.Tensor]] = None
         self.frozen_expert_bias = getattr(self, "frozen_expert_bias", False)  # 0.19's flag; 0.16 lacks it
         self.register_quantile_state()

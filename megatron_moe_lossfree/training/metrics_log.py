@@ -214,7 +214,7 @@ def eval_metrics(trainer) -> dict:
     return {"maxvio_global": sum(values) / len(values), "maxvio_global_layers": values}
 
 
-# ----------------------------------------------------------------------------- the oracle floor's dump
+# ----------------------------------------------------------------------------- the best-bias search's dump
 
 VALID_ROUTING = "valid_routing.pt"
 VALID_ROUTING_FORMAT = "mlf-valid-routing/1"

@@ -322,7 +322,7 @@ def train(trainer: Trainer) -> dict:
         if a.eval_iters > 0 and (trainer.step % a.eval_interval == 0 or trainer.step == a.train_iters):
             final = trainer.step == a.train_iters
             if final:
-                record_valid_routing(trainer)  # the ablations' oracle floor reads the final evaluation
+                record_valid_routing(trainer)  # the ablations' best-bias search reads the final evaluation
             val = trainer.evaluate()
             balance = eval_metrics(trainer)
             if final:
