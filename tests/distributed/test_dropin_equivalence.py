@@ -17,7 +17,11 @@ limit x balancing loss type x capacity and policy):
 - expert capacity with both drop policies, one with padding to capacity (no bias: with a bias the plugin
   counts loads BEFORE dropping, a documented departure, tested in tests/unit/test_dropin.py);
 - lane 2 (megatron-core 0.19): Megatron's quantile_balancing, with and without its EMA, against the plugin's
-  quantile rule (plugin ``expert_bias`` == -Megatron ``qb_beta``, bitwise).
+  quantile rule (plugin ``expert_bias`` == -Megatron ``qb_beta``, bitwise);
+- the flags Megatron's inherited ``TopKRouter.forward`` applies before routing: forced random logits, input
+  jitter (with the bias) and 0.19's forced random bias, both runs drawing the same random numbers;
+- routing replay with the bias: RECORD (both record the same choices) and REPLAY_FORWARD of a fixed choice no
+  router makes (every map is that choice, and the bias learns from its loads as Megatron's does).
 """
 
 from __future__ import annotations
@@ -51,7 +55,13 @@ MATRIX = {
     "capacity_probs": SOFTMAX + ["--moe-expert-capacity-factor", "1.0"],
     "capacity_position_padded": ["--moe-expert-capacity-factor", "0.5", "--moe-token-drop-policy", "position",
                                  "--moe-pad-expert-input-to-capacity"],
+    "force_load_balancing": ["--moe-router-force-load-balancing"],
+    "input_jitter_bias": BIAS + ["--moe-input-jitter-eps", "0.1"],
+    "replay_record_bias": BIAS + ["--moe-enable-routing-replay"],
+    "replay_forward_bias": BIAS + ["--moe-enable-routing-replay"],
 }
+# RouterReplay's action in both runs (dropin_cases.pair_case).
+REPLAY = {"replay_record_bias": "record", "replay_forward_bias": "forward"}
 # megatron-core >= 0.19: Megatron's quantile balancing against the plugin's quantile rule (exact estimator on
 # logits, mapped from Megatron's flags), with and without its EMA.
 QB = {
@@ -62,6 +72,7 @@ QB = {
 HAS_QB = megatron_core_version().release >= (0, 19)
 if HAS_QB:
     MATRIX.update(QB)
+    MATRIX["force_biased"] = ["--moe-router-force-biased", "0.5"]  # a 0.19 field
 EP2 = ["sigmoid_bias_groups", "v3_recipe", "softmax_aux_loss", "capacity_probs"]
 EP2_FLAGS = ["--expert-model-parallel-size", "2"]
 if HAS_QB:
@@ -77,7 +88,8 @@ def launches(tmp_path_factory, record_distributed_time):
         if world not in results:
             names = list(MATRIX) if world == 1 else EP2
             extra = [] if world == 1 else EP2_FLAGS
-            cases = [Case(n, dropin_cases.pair_case, dict(workdir=workdir, name=n, flags=MATRIX[n] + extra))
+            cases = [Case(n, dropin_cases.pair_case, dict(workdir=workdir, name=n, flags=MATRIX[n] + extra,
+                                                           replay=REPLAY.get(n)))
                      for n in names]
             launch = harness.launch_cases(cases, world, timeout_s=480, workdir=f"{workdir}/launch-{world}")
             record_distributed_time(f"drop-in matrix, {world} rank(s), in all", launch.total_seconds)
@@ -100,6 +112,10 @@ def check(result: dict, name: str) -> None:
         assert result["bias_keys"] == 0
     if "--moe-expert-capacity-factor" in MATRIX[name]:
         assert result["dropped"], "the capacity dropped nothing: the case would not test dropping"
+    if REPLAY.get(name) == "record":
+        assert result["recorded"] == 3 and result["recorded_equal"]  # every MoE layer recorded the same choice
+    if REPLAY.get(name) == "forward":
+        assert result["maps_replayed"]
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
