@@ -246,8 +246,9 @@ class BiasBalancer:
         Bits: one rank, or two, give Megatron-Core 0.19.2's ``qb_beta`` bit for bit. With three or more ranks
         the sum over ranks is exact here (fp64, then one rounding), where Megatron's fp32 ``all_reduce(AVG)``
         rounds at each addition in an order the backend picks (gloo: ring order by element position, then
-        / n; NCCL: each value premultiplied by 1/n): the two can differ in the last bits of the mean (about
-        1 ulp per rank; docs/notes_qb_megatron.md), and no reduction but Megatron's own call would match."""
+        / n; NCCL: each value premultiplied by 1/n): the two can differ in the last bits of the mean (by about
+        one ulp of the largest rank's mean; docs/notes_qb_megatron.md), and no reduction but Megatron's own
+        call would match."""
         if rate == 0.0:
             return None
         cfg = self.lossfree
