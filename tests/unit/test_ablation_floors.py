@@ -187,7 +187,7 @@ def test_the_run_cache_is_written_and_an_older_run_s_oracle_cache_still_read(tmp
         cache = json.load(fh)
     dump = load_valid_routing(run)
     for scores_TE, bias_E, vio in zip(dump.scores_LTE, cache["bias_layers"], cache["layers"]):
-        assert max_violation(routed_counts_E(scores_TE, torch.tensor(bias_E), 1)) == vio  # reachable
+        assert max_violation(routed_counts_E(scores_TE, torch.tensor(bias_E, dtype=torch.float64), 1)) == vio  # reachable
     # A run directory written before the rename holds oracle_floor.json (same keys): the report reads it.
     old = str(tmp_path / "old")
     write_dump(old)
