@@ -137,7 +137,8 @@ def step_loads(trainer) -> dict:
     columns = [torch.tensor([[float(r.layer_number), float(c.numel())] for r, c in zip(balancer.routers, counts)],
                             dtype=torch.float64, device=device), _stack_or_pad(counts, width)]
     rows = _by_layer(trainer, torch.cat(columns, dim=1))
-    return {"layers": [int(row[0]) for row in rows], "loads": [[int(x) for x in row[2: 2 + int(row[1])]] for row in rows]}
+    return {"layers": [int(row[0]) for row in rows],
+            "loads": [[int(x) for x in row[2: 2 + int(row[1])]] for row in rows]}
 
 
 def drop_metrics(trainer) -> dict:

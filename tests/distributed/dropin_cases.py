@@ -87,7 +87,8 @@ def _arm_replay(trainer, replay: str | None) -> None:
         if replay == "record":
             router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
         else:
-            router.router_replay.set_target_indices(replayed_experts_TK(tokens, router.topk, router.config.num_moe_experts))
+            experts_TK = replayed_experts_TK(tokens, router.topk, router.config.num_moe_experts)
+            router.router_replay.set_target_indices(experts_TK)
             router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
 

@@ -90,7 +90,8 @@ def test_every_distinct_arm_trains_two_steps(suite, tmp_path, capsys):
             sum(found["layers"]) / len(found["layers"]), rel=1e-12)
         dump = load_valid_routing(run["run_dir"])
         for scores_TE, bias_E, vio in zip(dump.scores_LTE, found["bias_layers"], found["layers"]):
-            assert max_violation(routed_counts_E(scores_TE, torch.tensor(bias_E, dtype=torch.float64), dump.topk)) == vio
+            bias_E = torch.tensor(bias_E, dtype=torch.float64)
+            assert max_violation(routed_counts_E(scores_TE, bias_E, dump.topk)) == vio
     table = (out_dir / f"{suite}.md").read_text()
     assert ", 2 steps, 1 seed(s) per arm (1), the same seeds for every arm" in table and table in out
     assert "| MaxVio_global floor: random | MaxVio_global: best bias found |" in table
