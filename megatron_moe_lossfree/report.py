@@ -1,4 +1,5 @@
-"""``mlf-report``: plots and a summary table from one or more runs' ``metrics.jsonl``.
+"""``mlf-report``: plots and a summary table from one or more runs' ``metrics.jsonl`` (``mlf-pretrain``) or
+TensorBoard directory (Megatron-LM with the plugin, ``--tensorboard-dir``: ``tensorboard_run.py``).
 
     mlf-report runs/lossfree runs/auxloss --out report/ --smooth 100
     mlf-report --scatter runs/ablate/small --out docs/ablations/
@@ -47,14 +48,22 @@ class RunData:
 
 
 def load_run(path: str, label: Optional[str] = None) -> RunData:
-    """Read ``path/metrics.jsonl``; rows of kinds other than train/valid are ignored."""
+    """Read ``path/metrics.jsonl``, or else the TensorBoard events in ``path`` (a Megatron-LM run); rows of
+    kinds other than train/valid are ignored."""
     if not os.path.isdir(path):
         raise LossFreeConfigError(
             f"RUN_DIR ({path}) is not a directory: pass the output directory of a training run")
     jsonl = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(jsonl):
-        raise LossFreeConfigError(
-            f"RUN_DIR ({path}) has no metrics.jsonl: pass the directory a training run logged to")
+        from megatron_moe_lossfree.tensorboard_run import load_tensorboard_rows
+
+        tensorboard = load_tensorboard_rows(path)  # a Megatron-LM run's --tensorboard-dir
+        if tensorboard is None:
+            raise LossFreeConfigError(
+                f"RUN_DIR ({path}) has no metrics.jsonl and no TensorBoard events: pass the directory a training "
+                f"run logged to (mlf-pretrain's --out, or Megatron-LM's --tensorboard-dir)")
+        train, valid = tensorboard
+        return RunData(label=label or os.path.basename(os.path.normpath(path)), path=path, train=train, valid=valid)
     rows: dict[str, dict[int, dict]] = {"train": {}, "valid": {}}
     bad = 0
     with open(jsonl) as f:
@@ -357,7 +366,8 @@ def write_report(runs: list[RunData], out_dir: str, *, smooth: int = 100, bias_l
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mlf-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with metrics.jsonl")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories with metrics.jsonl, or Megatron-LM --tensorboard-dir folders")
     parser.add_argument("--out", help="output directory (default: FIRST_RUN_DIR/report)")
     parser.add_argument("--labels", nargs="+", help="one legend label per RUN_DIR (default: basenames)")
     parser.add_argument("--smooth", type=int, default=100,

@@ -31,7 +31,9 @@ if [ "${V3:-0}" = 1 ]; then
 else
   ROUTER=(--moe-router-load-balancing-type none)
 fi
-"$REPO/.venv/bin/torchrun" --nproc-per-node "${NPROC:-1}" --master-port "${MASTER_PORT:-29533}" "$SCRIPT" \
+# TORCHRUN: another launcher, e.g. TORCHRUN="/path/to/python -m torch.distributed.run" (the tests: their lane's python)
+read -r -a LAUNCH <<< "${TORCHRUN:-$REPO/.venv/bin/torchrun}"
+"${LAUNCH[@]}" --nproc-per-node "${NPROC:-1}" --master-port "${MASTER_PORT:-29533}" "$SCRIPT" \
   --distributed-backend gloo --transformer-impl local \
   --no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion \
   --no-bias-dropout-fusion --no-persist-layer-norm --no-rope-fusion --disable-bias-linear \

@@ -76,6 +76,12 @@ class BiasBalancer:
         self.last_counts: list[torch.Tensor] = []
         self.last_micro_batch_counts: list = []
         self.last_quantile: Optional[torch.Tensor] = None
+        # [L] float64 on the device: mean |b_after - b_before| over experts of the last update (None without a
+        # bias); logged as the bias motion (the quantile rule replaces the bias each step, the sign rule moves
+        # it by at most u). Kept on the device: reading it is the logger's host sync, on logging steps only.
+        self.last_bias_motion: Optional[torch.Tensor] = None
+        # Called with this balancer at the end of every step (the Megatron-LM logger: megatron/lm_logging.py).
+        self.after_step_hooks: list[Callable[["BiasBalancer"], None]] = []
         # The flat buffers are built here with fixed dtypes and shapes (fp32 [L, E] bias, int64 [L, E]
         # counts) and the rate is checked by the schedule, so the step applies the rule without
         # ``update_bias``'s per-call argument checks.
@@ -196,6 +202,7 @@ class BiasBalancer:
         # The rate of this update is the one in force for the tokens of this step (V3 4.2: u for
         # the first N tokens), known before the step: no host sync needed to pick it.
         rate = self.schedule.rate_at(self.tokens_seen)
+        before = self.snapshot_bias()
         over_bound = None
         if self.quantile:
             over_bound = self.update_quantile(rate)
@@ -204,6 +211,7 @@ class BiasBalancer:
                 over_bound = self.update_flat_bias(reduced[: self.flat_bias.numel()].view_as(self.flat_bias), rate)
             else:
                 self.update_biases(counts, rate)
+        self.last_bias_motion = self.measure_bias_motion(before)
         # One host sync for the step: non-finite flags, token count, large-bias check.
         probe = [flags.sum(), counts[0].sum()] + ([over_bound] if over_bound is not None else [])
         values = torch.stack(probe).tolist()  # all int64
@@ -223,6 +231,24 @@ class BiasBalancer:
         every = self.lossfree.check_consistency
         if every and self.steps % every == 0:
             self.check_consistency()
+        for hook in self.after_step_hooks:
+            hook(self)
+
+    def snapshot_bias(self) -> Optional[list[torch.Tensor]]:
+        """Device copies of the biases before this step's update (no host sync), for ``measure_bias_motion``."""
+        if self.lossfree.balancing != "bias":
+            return None
+        if self.flat_bias is not None:
+            return [self.flat_bias.clone()]
+        return [r.expert_bias.detach().clone() for r in self.routers]
+
+    def measure_bias_motion(self, before: Optional[list[torch.Tensor]]) -> Optional[torch.Tensor]:
+        """[L] float64: per layer, the mean over experts of |b_after - b_before| of this step's update."""
+        if before is None:
+            return None
+        if self.flat_bias is not None:
+            return (self.flat_bias - before[0]).abs().mean(dim=1).double()
+        return torch.stack([(r.expert_bias - b).abs().mean() for r, b in zip(self.routers, before)]).double()
 
     @torch.no_grad()
     def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:

@@ -10,7 +10,8 @@ Megatron-LM main (verified at the commit in docs/megatron_lm.md) builds the mode
    ``num_experts``, so ``specs.get_lossfree_layer_local_spec`` is not a ``--spec`` target on main);
 3. bias update: ``GPTModelConfig.post_wrap_hooks`` run after DDP wrapping, before ``train()``; our hook
    installs the ``BiasBalancer`` as ``config.finalize_model_grads_func``, which ``train()`` keeps
-   ("only default it when unset", training.py).
+   ("only default it when unset", training.py), and the logger that writes the plugin's metrics to
+   Megatron-LM's TensorBoard / W&B writers (``lm_logging.py``).
 
 The router and MoE layer read ``config.lossfree``: it is set as an attribute on whatever
 TransformerConfig class Megatron-LM chose (MLA and heterogeneous configs replace the class, so a
@@ -38,15 +39,19 @@ class InstallBalancerHook:
     def __init__(self, lossfree: LossFreeConfig):
         self.lossfree = lossfree
         self.balancer = None
+        self.logger = None
 
     def __call__(self, model_chunks):
         from megatron.core.utils import get_model_config
 
         from megatron_moe_lossfree.megatron.balancer import install_bias_balancer
+        from megatron_moe_lossfree.megatron.lm_logging import install_megatron_lm_logger
 
         config = get_model_config(model_chunks[0])  # the object train() reads finalize_model_grads_func from
         self.balancer = install_bias_balancer(config, model_chunks, self.lossfree)
         self.balancer.progress_source = megatron_lm_progress
+        # The plugin's metrics in Megatron-LM's TensorBoard / W&B logs, at its --log-interval (lm_logging.py).
+        self.logger = install_megatron_lm_logger(self.balancer, model_chunks, config)
         return model_chunks
 
 

@@ -25,7 +25,7 @@ layer in one collective. Megatron forbids a bias with softmax; this router allow
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from megatron.core.transformer.moe.moe_utils import (
@@ -132,6 +132,19 @@ class LossFreeRouter(TopKRouter):
             after = getattr(self, name, None)
             if before is not None and after is not None and after.dtype != torch.float32:
                 setattr(self, name, before.to(device=after.device, dtype=torch.float32))
+        return module
+
+    # -- evaluation boundaries (Megatron-LM's logger) --------------------------------------------------
+    evaluation_observer: Optional[Callable[[str], None]] = None
+    """Called with "start" when this router goes from training to eval mode and "end" when it comes back
+    (Megatron-LM's ``evaluate()`` brackets every evaluation with ``model.eval()`` / ``model.train()``); set by
+    ``megatron/lm_logging.py``, None elsewhere."""
+
+    def train(self, mode: bool = True):
+        changed = bool(mode) != self.training
+        module = super().train(mode)
+        if changed and self.evaluation_observer is not None:
+            self.evaluation_observer("end" if mode else "start")
         return module
 
     # -- routing ------------------------------------------------------------------------------------

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "from step 0 and say so)")
     o.add_argument("--out", default="runs/demo", help="run directory: TensorBoard events, metrics.jsonl")
     o.add_argument("--tensorboard-dir", default=None, help="default: OUT/tensorboard")
+    # Megatron-LM's W&B flags, with its meaning: the same scalars as TensorBoard, from the logging rank.
+    o.add_argument("--wandb-project", default="",
+                   help="Weights & Biases project: log the TensorBoard scalars there too (needs the wandb extra: "
+                        "pip install 'megatron_moe_lossfree[wandb]'; WANDB_MODE=offline writes the run to disk only)")
+    o.add_argument("--wandb-exp-name", default="", help="W&B run name (required with --wandb-project, as in Megatron-LM)")
+    o.add_argument("--wandb-save-dir", default="",
+                   help="folder W&B writes its run directory under (default: OUT/wandb; Megatron-LM: SAVE/wandb)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     add_lossfree_args(p)
@@ -222,6 +229,7 @@ def _violations(a: argparse.Namespace):
         yield (f"--moe-aux-loss-coeff ({' '.join(map(str, a.moe_aux_loss_coeff))}) needs one value or one per "
                f"--moe-router-load-balancing-type ({' '.join(a.moe_router_load_balancing_type)})")
     yield from _route_limit_violations(a)
+    yield from _wandb_violations(a)
     if a.transformer_impl not in ("local", "transformer_engine"):
         yield f"--transformer-impl ({a.transformer_impl}) must be local or transformer_engine"
     if a.seq_length > a.max_position_embeddings:
@@ -230,6 +238,21 @@ def _violations(a: argparse.Namespace):
     if (a.tokenizer_model is None) != (a.data_path is None):
         yield ("--data-path and --tokenizer-model go together: give both (your dataset and the tokenizer "
                "it was built with), or neither for the embedded corpus")
+
+
+def _wandb_violations(a: argparse.Namespace):
+    if not a.wandb_project:
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(a, name):
+                yield f"--{name.replace('_', '-')} ({getattr(a, name)}) has no effect without --wandb-project: add it"
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        yield (f"--wandb-project ({a.wandb_project}) needs the wandb package, which is not installed: "
+               f"pip install 'megatron_moe_lossfree[wandb]'")
+    if not a.wandb_exp_name:
+        yield f"--wandb-project ({a.wandb_project}) needs --wandb-exp-name (the run's name, as in Megatron-LM)"
 
 
 def _route_limit_violations(a: argparse.Namespace):

@@ -1,4 +1,5 @@
-"""Run outputs on the logging rank: console table line, tqdm progress, TensorBoard, metrics.jsonl."""
+"""Run outputs on the logging rank: console table line, tqdm progress, TensorBoard, metrics.jsonl, and W&B
+(``--wandb-project``: the TensorBoard scalars, same names and steps, as Megatron-LM does)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class RunLogger:
     """Writes one run's outputs; every method is a no-op on ranks that do not log."""
 
     def __init__(self, out_dir: str, *, enabled: bool, total_steps: int, start_step: int,
-                 tensorboard_dir: Optional[str] = None, progress: bool = True):
+                 tensorboard_dir: Optional[str] = None, progress: bool = True, wandb: Optional[dict] = None):
+        """``wandb``: ``wandb.init`` keywords (project, name, dir, config), or None for no W&B run."""
         self.enabled = enabled
         self.out_dir = out_dir
         self.writer = None
@@ -57,8 +59,14 @@ class RunLogger:
         self.bar = None
         self.loads_file = None
         self.start_step = start_step
+        self.wandb_run = None
         if not enabled:
             return
+        if wandb is not None:
+            import wandb as wandb_module  # the optional extra; arguments.py refuses --wandb-project without it
+
+            os.makedirs(wandb["dir"], exist_ok=True)
+            self.wandb_run = wandb_module.init(**wandb)
         os.makedirs(out_dir, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -101,14 +109,11 @@ class RunLogger:
         """TensorBoard scalars under ``kind/name`` (lists become per-layer series) plus one JSONL row."""
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            if isinstance(value, (list, tuple)):
-                if value and isinstance(value[0], (list, tuple)):
-                    continue  # per-expert tables (loads, biases) go to the JSONL only
-                for layer, v in enumerate(value, 1):
-                    self.writer.add_scalar(f"{kind}/{name}/moe_layer_{layer:02d}", v, step)
-            elif value is not None and math.isfinite(value):
-                self.writer.add_scalar(f"{kind}/{name}", value, step)
+        tags = tensorboard_scalars(kind, scalars)
+        for tag, value in tags.items():
+            self.writer.add_scalar(tag, value, step)
+        if self.wandb_run is not None and tags:
+            self.wandb_run.log(tags, step=step)
         row = {"kind": kind, "step": step, **scalars, **(extra or {})}
         self.jsonl.write(json.dumps(row) + "\n")
 
@@ -142,3 +147,20 @@ class RunLogger:
             self.jsonl.close()
         if self.loads_file is not None:
             self.loads_file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def tensorboard_scalars(kind: str, scalars: dict) -> dict[str, float]:
+    """The TensorBoard (and W&B) scalars of one ``record``: ``kind/name``, per-layer lists as
+    ``kind/name/moe_layer_NN``; per-expert tables (loads, biases) and non-finite values stay in the JSONL."""
+    tags = {}
+    for name, value in scalars.items():
+        if isinstance(value, (list, tuple)):
+            if value and isinstance(value[0], (list, tuple)):
+                continue
+            for layer, v in enumerate(value, 1):
+                tags[f"{kind}/{name}/moe_layer_{layer:02d}"] = v
+        elif value is not None and math.isfinite(value):
+            tags[f"{kind}/{name}"] = value
+    return tags

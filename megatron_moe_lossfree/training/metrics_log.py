@@ -97,7 +97,8 @@ def step_metrics(trainer) -> dict:
     device = counts[0].device  # the model's device: NCCL reduces GPU tensors only
     width = int(_pp_max(torch.tensor([max(c.numel() for c in counts)], device=device))[0])
     has_bias = routers[0].expert_bias is not None  # balancing "none" has no bias (the same on every stage)
-    # Columns: MaxVio_batch, width, MaxVio_computation (-1: none), loads [width], bias [width].
+    motion = getattr(balancer, "last_bias_motion", None) if has_bias else None
+    # Columns: MaxVio_batch, width, MaxVio_computation (-1: none), loads [width], bias [width], bias motion.
     columns = [
         _batch_maxvio(counts).view(-1, 1),
         torch.tensor([[float(c.numel())] for c in counts], dtype=torch.float64, device=device),
@@ -106,6 +107,8 @@ def step_metrics(trainer) -> dict:
     ]
     if has_bias:
         columns.append(_stack_or_pad([r.expert_bias.detach() for r in routers], width))
+        columns.append(motion.view(-1, 1) if motion is not None
+                       else torch.zeros(len(routers), 1, dtype=torch.float64, device=device))
     layers = _by_layer(trainer, torch.cat(columns, dim=1))
     maxvio = [row[0] for row in layers]
     widths = [int(row[1]) for row in layers]
@@ -117,9 +120,11 @@ def step_metrics(trainer) -> dict:
     }
     if has_bias:
         bias = [row[3 + width: 3 + width + w] for row, w in zip(layers, widths)]
-        out.update(bias_layers=bias, bias_absmax_layers=[max(abs(x) for x in b) for b in bias])
+        out.update(bias_layers=bias, bias_absmax_layers=[max(abs(x) for x in b) for b in bias],
+                   **_bias_moments(bias), bias_motion_layers=[row[3 + 2 * width] for row in layers])
     if len(compute) == len(maxvio):
         out["maxvio_compute"] = sum(compute) / len(compute)
+        out["maxvio_compute_layers"] = compute
     out.update(aux_loss_metrics(trainer))
     out.update(drop_metrics(trainer))
     return out
@@ -139,6 +144,13 @@ def step_loads(trainer) -> dict:
     rows = _by_layer(trainer, torch.cat(columns, dim=1))
     return {"layers": [int(row[0]) for row in rows],
             "loads": [[int(x) for x in row[2: 2 + int(row[1])]] for row in rows]}
+
+
+def _bias_moments(bias: list[list[float]]) -> dict:
+    """Per layer: the mean and the population standard deviation of the expert biases (host floats)."""
+    means = [sum(b) / len(b) for b in bias]
+    stds = [(sum((x - m) ** 2 for x in b) / len(b)) ** 0.5 for b, m in zip(bias, means)]
+    return {"bias_mean_layers": means, "bias_std_layers": stds}
 
 
 def drop_metrics(trainer) -> dict:

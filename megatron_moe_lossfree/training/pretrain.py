@@ -12,7 +12,8 @@ One node, several processes (gloo on CPU, NCCL on GPUs)::
 Many nodes: the same under ``torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT`` or srun.
 Prints a progress bar, a table line every ``--log-interval`` steps (step, loss, lr, tokens/s,
 MaxVio_batch), validation loss/perplexity every ``--eval-interval`` steps and a final summary; writes
-TensorBoard events and ``metrics.jsonl`` under ``--out``.
+TensorBoard events and ``metrics.jsonl`` under ``--out``, and with ``--wandb-project`` the same scalars to
+Weights & Biases (``WANDB_MODE=offline``: a run directory under ``--wandb-save-dir`` only).
 """
 
 from __future__ import annotations
@@ -251,11 +252,26 @@ def setup(args: argparse.Namespace) -> Trainer:
                   if valid_ds else None)
     final_valid_data = data_mod.iterate_micro_batches(valid_ds, start_step=0, **batches) if valid_ds else None
     logger = RunLogger(args.out, enabled=_is_logging_rank(), total_steps=args.train_iters, start_step=step,
-                       tensorboard_dir=args.tensorboard_dir, progress=not args.no_progress)
+                       tensorboard_dir=args.tensorboard_dir, progress=not args.no_progress,
+                       wandb=wandb_settings(args))
     return Trainer(args=args, config=config, model=model, optimizer=optimizer, scheduler=scheduler,
                    train_data=train_data, valid_data=valid_data, final_valid_data=final_valid_data,
                    balancer=balancer, logger=logger, step=step,
                    drop_carry=drop_carry)
+
+
+def wandb_settings(args: argparse.Namespace) -> Optional[dict]:
+    """``wandb.init`` keywords for ``--wandb-project`` (None without it), with Megatron-LM's meaning: the run
+    is named ``--wandb-exp-name``, lives under ``--wandb-save-dir`` (default OUT/wandb) and keeps the
+    arguments as its config."""
+    if not args.wandb_project:
+        return None
+    from dataclasses import asdict
+
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    config["lossfree"] = asdict(args.lossfree)
+    return {"project": args.wandb_project, "name": args.wandb_exp_name, "config": config,
+            "dir": args.wandb_save_dir or os.path.join(args.out, "wandb")}
 
 
 def init_model_parallel(args: argparse.Namespace) -> None:

@@ -16,8 +16,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
         "--log-interval", "1", "--no-progress", "--lossfree-update-rate", "1e-2"]
 
 
-def run_cli(*args, timeout=300):
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
+def run_cli(*args, timeout=300, **env_vars):
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", **env_vars)
     proc = subprocess.run([sys.executable, "-m", "megatron_moe_lossfree", "pretrain", *TINY, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +46,27 @@ def test_two_step_run_prints_table_and_validation(tmp_path):
     assert [row["loads"] for row in loads] == [rows[1]["loads_layers"], rows[2]["loads_layers"]]
     # The final evaluation's routing (the ablations' best bias found): one eval batch of 4 x 32 tokens.
     assert_valid_routing_dump(tmp_path / "run", step=2, tokens=4 * 32, layers=[2], num_experts=8, topk=2)
+
+
+def test_offline_wandb_run_holds_the_metrics_jsonl_values(tmp_path):
+    """--wandb-project with WANDB_MODE=offline: the run directory's history is the TensorBoard scalars of every
+    metrics.jsonl row, at the same steps (train and validation rows of one step are one W&B row)."""
+    from megatron_moe_lossfree.training.logger import tensorboard_scalars
+    from tests.wandb_offline import offline_history
+
+    out = tmp_path / "run"
+    run_cli("--train-iters", "2", "--eval-interval", "2", "--out", str(out), "--wandb-project", "mlf-test",
+            "--wandb-exp-name", "tiny", "--wandb-save-dir", str(tmp_path / "wb"), WANDB_MODE="offline",
+            WANDB_SILENT="true")
+    expected: dict = {}
+    with open(out / "metrics.jsonl") as fh:
+        for row in map(json.loads, fh):
+            scalars = {k: v for k, v in row.items() if k not in ("kind", "step")}
+            expected.setdefault(row["step"], {}).update(tensorboard_scalars(row["kind"], scalars))
+    history = offline_history(str(tmp_path / "wb"))
+    assert sorted(history) == sorted(expected) == [1, 2]
+    assert "train/maxvio_batch" in history[2] and "valid/maxvio_global" in history[2]
+    assert history == expected  # JSON round trip: the same float64 values
 
 
 def valid_rows(out_dir):

@@ -211,3 +211,15 @@ def test_small_scale_final_evaluation_puts_the_random_floor_under_one_percent():
     assert floors.random_floor(args.num_experts, args.moe_router_topk, tokens["global"]) <= 0.01
     args.final_eval_iters = None  # a run made before the flag: its evaluations all read --eval-iters
     assert floors.floor_tokens(args)["global"] == 4 * 32 * 128
+
+
+@pytest.mark.parametrize("c", [0, 1, 2, 3, 5, 6])
+def test_adjacent_order_statistics_equal_the_sorted_rows_with_ties(c):
+    from megatron_moe_lossfree.ablation.floors import _adjacent_order_statistics_E
+
+    values = torch.tensor([[3.0, 1.0, 2.0, 2.0, 5.0, 2.0], [0.0, 0.0, 0.0, 1.0, -1.0, 4.0]], dtype=torch.float64)
+    ordered = torch.sort(values, dim=1).values
+    below = ordered[:, c - 1] if c >= 1 else ordered[:, 0] - 1.0
+    above = ordered[:, c] if c < 6 else ordered[:, -1] + 1.0
+    got = _adjacent_order_statistics_E(values, c)
+    assert torch.equal(got[0], below) and torch.equal(got[1], above)

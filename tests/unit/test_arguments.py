@@ -98,3 +98,28 @@ def test_megatron_s_forward_flags_reach_the_transformer_config():
             parse_args(["--moe-router-force-biased", "0.5"])
         assert str(info.value) == (f"--moe-router-force-biased (0.5) needs megatron-core >= 0.19 (installed: "
                                    f"{megatron_core_version()}): drop it")
+
+
+WANDB_CASES = [
+    (["--wandb-project", "moe"], "--wandb-project (moe) needs --wandb-exp-name (the run's name, as in Megatron-LM)"),
+    (["--wandb-exp-name", "run1"], "--wandb-exp-name (run1) has no effect without --wandb-project: add it"),
+    (["--wandb-save-dir", "/tmp/w"], "--wandb-save-dir (/tmp/w) has no effect without --wandb-project: add it"),
+]
+
+
+@pytest.mark.parametrize("argv,message", WANDB_CASES, ids=[c[0][0] for c in WANDB_CASES])
+def test_wandb_flags_are_checked(argv, message):
+    with pytest.raises(LossFreeConfigError) as info:
+        parse_args(argv)
+    assert str(info.value) == message
+
+
+def test_wandb_without_the_package_is_refused_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(LossFreeConfigError) as info:
+        parse_args(["--wandb-project", "moe", "--wandb-exp-name", "run1"])
+    assert str(info.value) == ("--wandb-project (moe) needs the wandb package, which is not installed: "
+                               "pip install 'megatron_moe_lossfree[wandb]'")

@@ -68,14 +68,15 @@ def test_max_violation_rejects_bad_shape():
         max_violation(torch.zeros(2, 2, 2, dtype=torch.int64))
 
 
-def _stub_trainer(counts, micro, biases, layer_numbers, num_layers=6, aux=None):
+def _stub_trainer(counts, micro, biases, layer_numbers, num_layers=6, aux=None, motion=None):
     from types import SimpleNamespace
 
     from megatron_moe_lossfree.config import LossFreeConfig
 
     routers = [SimpleNamespace(layer_number=n, expert_bias=b, last_aux_losses=aux or {})
                for n, b in zip(layer_numbers, biases)]
-    balancer = SimpleNamespace(routers=routers, last_counts=counts, last_micro_batch_counts=micro, group=None)
+    balancer = SimpleNamespace(routers=routers, last_counts=counts, last_micro_batch_counts=micro, group=None,
+                               last_bias_motion=motion)
     config = SimpleNamespace(num_layers=num_layers, lossfree=LossFreeConfig())
     return SimpleNamespace(balancer=balancer, config=config, model=None)
 
@@ -92,13 +93,20 @@ def test_step_metrics_table_has_exact_per_layer_values(megatron_world, widths):
              torch.tensor([[8, 0, 0, 0], [2, 2, 2, 2]]) if widths[1] == 4 else torch.tensor([[3, 1], [1, 1]])]
     biases = [torch.tensor([-1e-3, 1e-3, 0.0, 0.0]), torch.tensor([2e-3, -5e-3, 0.0, 1e-3][: widths[1]])]
     aux = {"seq_aux_loss": torch.tensor(0.25)}
-    m = step_metrics(_stub_trainer(counts, micro, biases, layer_numbers=[2, 5], aux=aux))
+    motion = torch.tensor([1e-3, 0.25e-3], dtype=torch.float64)
+    m = step_metrics(_stub_trainer(counts, micro, biases, layer_numbers=[2, 5], aux=aux, motion=motion))
     assert m["maxvio_batch_layers"] == [0.5, 0.5]  # [6,2,4,4]: (6-4)/4; [3,1]: (3-2)/2
     assert m["maxvio_batch"] == 0.5
     assert m["maxvio_compute"] == (1.5 + (1.5 if widths[1] == 4 else 0.25)) / 2
     assert m["loads_layers"] == [loads[4], loads[widths[1]]]
     assert m["bias_layers"] == [b.double().tolist() for b in biases]
     assert m["bias_absmax_layers"] == [float(torch.tensor(1e-3)), float(torch.tensor(5e-3))]  # fp32 values
+    assert m["maxvio_compute_layers"] == [1.5, 1.5 if widths[1] == 4 else 0.25]
+    assert m["bias_motion_layers"] == [1e-3, 0.25e-3]
+    fp32 = [b.double().tolist() for b in biases]
+    means = [sum(b) / len(b) for b in fp32]
+    assert m["bias_mean_layers"] == means
+    assert m["bias_std_layers"] == [math.sqrt(sum((x - mu) ** 2 for x in b) / len(b)) for b, mu in zip(fp32, means)]
     assert m["seq_aux_loss"] == 0.25
 
 

@@ -162,7 +162,8 @@ def test_cli_default_out_and_stdout(runs, capsys):
     (lambda a, tmp: [str(tmp / "nope")],
      "RUN_DIR ({tmp}/nope) is not a directory: pass the output directory of a training run"),
     (lambda a, tmp: [str(tmp)],
-     "RUN_DIR ({tmp}) has no metrics.jsonl: pass the directory a training run logged to"),
+     "RUN_DIR ({tmp}) has no metrics.jsonl and no TensorBoard events: pass the directory a training run logged "
+     "to (mlf-pretrain's --out, or Megatron-LM's --tensorboard-dir)"),
     (lambda a, tmp: [a, "--labels", "x", "y"],
      "--labels (2 given) must have one label per RUN_DIR (1): pass as many labels as run directories"),
     (lambda a, tmp: [a, "--bias-layer", "3", "--out", str(tmp / "o")],
