@@ -124,7 +124,10 @@ class LossFreeConfig:
     bias_warn_bound: float = 1.0
     """Warn once per layer when a bias magnitude exceeds this bound."""
     dump_loads: bool = False
-    """Write per-expert loads of every layer to the metrics file each logged step."""
+    """mlf-pretrain only: write every optimizer step's per-layer, per-expert loads (pre-drop, summed over the
+    ranks: the counts the bias update used) to ``OUT/loads.jsonl`` (``logger.LOADS_FILE``), one JSON row per
+    step: ``{"step": N, "layers": [MoE layer numbers], "loads": [[tokens per expert] per layer]}``.
+    metrics.jsonl holds the same loads at the logged steps only (``loads_layers``)."""
 
     def replace(self, **changes) -> "LossFreeConfig":
         return dataclasses.replace(self, **changes)

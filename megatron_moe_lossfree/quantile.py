@@ -407,8 +407,14 @@ def qb_finish_step(
         return old_bias.clone()
     accum = torch.zeros_like(old_bias)
     for solution in solved:
-        accum.add_(solution.to(old_bias.dtype))
+        qb_accumulate(accum, solution)
     return qb_blend_center(old_bias, qb_mean_solution(accum, len(solved)), ema)
+
+
+def qb_accumulate(accum: torch.Tensor, solution: torch.Tensor) -> torch.Tensor:
+    """``accum += solution`` in the accumulator's dtype, in place (Megatron-Core's
+    ``qb_beta_accum.add_(beta_local)``, fp32): the router adds each micro-batch's solution in order."""
+    return accum.add_(solution.to(accum.dtype))
 
 
 def _qb_rank_position(

@@ -7,11 +7,13 @@
   (``sampling_floor``): the loads are a sum of T i.i.d. uniform K-subsets, drawn exactly as a
   multinomial over the C(E, K) subsets when C(E, K) is small, otherwise from the normal approximation
   of that sum (stated in ``Floor.method``).
-- The **oracle floor**: the lowest MaxVio_global that ONE per-expert bias reaches on the validation
-  set's own routing scores (``oracle_floor``), found by iterating the quantile solve (REFERENCE 10,
-  Kimi K3 Eq. 14; ``balancing_bias_E``) on the whole validation set. No bias learned on training batches
-  can do better on the same scores. It needs the validation scores, which a run writes to ``valid_routing.pt``
-  (``VALID_ROUTING``; format in ``load_valid_routing``).
+- The **best bias found**: the lowest MaxVio_global that ONE per-expert bias was found to reach on the
+  validation set's own routing scores (``best_bias_found``), by a search that iterates the quantile solve
+  (REFERENCE 10, Kimi K3 Eq. 14; ``balancing_bias_E``) on the whole validation set from the run's own bias
+  and keeps the best bias seen. It is a reachable value (an upper bound of the true minimum over single
+  biases), not a proven minimum: a bias the search never visits might do better. It needs the validation
+  scores, which a run writes to ``valid_routing.pt`` (``VALID_ROUTING``; format in ``load_valid_routing``).
+  Earlier versions called it the "oracle floor" (``oracle_floor.json``, key ``floor_oracle_global``).
 
 Pure numpy/torch, no Megatron import, no communication. Shape suffixes: T tokens, E experts, K top-k,
 L MoE layers, S Monte-Carlo samples, C subsets.
@@ -39,7 +41,8 @@ SAMPLES = 4000
 """Monte-Carlo samples of the sampling floor (its standard error is reported with it)."""
 EXACT_SUBSETS = 20000
 """Largest C(E, K) drawn exactly as a multinomial over subsets; above it, the normal approximation."""
-ORACLE_ITERS = 200
+SEARCH_ITERS = 200
+"""Steps of the best-bias search (``search_best_bias_E``)."""
 
 
 # ----------------------------------------------------------------------------- sampling floor
@@ -156,7 +159,7 @@ def load_valid_routing(run_dir: str) -> Optional[ValidRouting]:
     return routing
 
 
-# ----------------------------------------------------------------------------- oracle floor
+# ----------------------------------------------------------------------------- the best bias found
 
 
 def routed_counts_E(scores_TE: torch.Tensor, bias_E: Optional[torch.Tensor], topk: int,
@@ -211,11 +214,12 @@ def _adjacent_order_statistics_E(values_ET: torch.Tensor, c: int) -> tuple[torch
     return below_E, torch.where(repeats_E, below_E, higher_E.min(dim=1).values)
 
 
-def oracle_bias_E(scores_TE: torch.Tensor, topk: int, *, start_E: Optional[torch.Tensor] = None,
-                  iters: int = ORACLE_ITERS) -> tuple[torch.Tensor, float]:
+def search_best_bias_E(scores_TE: torch.Tensor, topk: int, *, start_E: Optional[torch.Tensor] = None,
+                       iters: int = SEARCH_ITERS) -> tuple[torch.Tensor, float]:
     """(bias [E], MaxVio) of the best additive bias found for these scores: ``iters`` steps of
     ``balancing_bias_E`` from ``start_E`` (default 0), keeping the bias with the lowest MaxVio seen (the
-    start included). Stops early at MaxVio 0 or at a fixed point. Float64 throughout.
+    start included, so the result never exceeds the start's MaxVio: by construction, not a finding).
+    Stops early at MaxVio 0 or at a fixed point. Float64 throughout. A search, not a proof of optimality.
     """
     if not (isinstance(iters, int) and iters >= 0):
         raise LossFreeConfigError(f"iters ({iters}) must be an integer >= 0")
@@ -236,28 +240,33 @@ def oracle_bias_E(scores_TE: torch.Tensor, topk: int, *, start_E: Optional[torch
 
 
 @dataclass(frozen=True)
-class OracleFloor:
+class BestBiasFound:
     maxvio_global: float
-    """Mean over MoE layers of the oracle MaxVio (the reported MaxVio is a mean over layers, REFERENCE 2)."""
+    """Mean over MoE layers of the best MaxVio found (the reported MaxVio is a mean over layers, REFERENCE 2)."""
     layers: tuple[float, ...]
     learned: float
     """The same scores routed with the run's own bias (its MaxVio_global, recomputed from the dump)."""
+    bias_LE: tuple[torch.Tensor, ...] = ()
+    """Per layer, the additive bias that reaches ``layers`` on the dumped scores (float64 [E])."""
 
 
-def oracle_floor(routing: ValidRouting, *, iters: int = ORACLE_ITERS) -> OracleFloor:
-    """The oracle floor of one evaluation: per layer, the best single additive bias on its own scores.
+def best_bias_found(routing: ValidRouting, *, iters: int = SEARCH_ITERS) -> BestBiasFound:
+    """The best bias found for one evaluation: per layer, the best single additive bias the search
+    (``search_best_bias_E``, from the run's bias) found on the layer's own scores.
 
     Per layer, holding the layer's inputs fixed (the earlier layers keep their learned routing): a bias
     that balances layer 1 differently would change what layer 2 sees, which a dump cannot replay. For a
-    multiplicative bias (select on s * b) the oracle is still additive on s: a floor over additive biases.
+    multiplicative bias (select on s * b) the search is still over additive biases on s, started from 0.
     """
-    layers, learned = [], []
+    layers, learned, biases = [], [], []
     for scores_TE, bias_E in zip(routing.scores_LTE, routing.bias_LE):
         start = bias_E if routing.bias_kind == "additive" else None
-        layers.append(oracle_bias_E(scores_TE, routing.topk, start_E=start, iters=iters)[1])
+        bias, vio = search_best_bias_E(scores_TE, routing.topk, start_E=start, iters=iters)
+        layers.append(vio)
+        biases.append(bias)
         learned.append(max_violation(routed_counts_E(scores_TE, bias_E, routing.topk, routing.bias_kind)))
-    return OracleFloor(maxvio_global=sum(layers) / len(layers), layers=tuple(layers),
-                       learned=sum(learned) / len(learned))
+    return BestBiasFound(maxvio_global=sum(layers) / len(layers), layers=tuple(layers),
+                         learned=sum(learned) / len(learned), bias_LE=tuple(biases))
 
 
 # ----------------------------------------------------------------------------- the floors of one run
@@ -281,35 +290,42 @@ def random_floor(num_experts: int, topk: int, tokens: int) -> float:
     return sampling_floor(num_experts, topk, tokens).mean
 
 
-ORACLE_CACHE = "oracle_floor.json"
+BEST_BIAS_CACHE = "best_bias_found.json"
+"""Per run: ``maxvio_global``, ``layers``, ``learned_bias_maxvio_global``, ``iters`` and ``bias_layers`` (the
+biases that reach them)."""
+OLD_CACHE = "oracle_floor.json"
+"""The same cache (without ``bias_layers``) as runs before the rename wrote it; still read."""
 
 
-def oracle_floor_of_run(run_dir: str) -> Optional[float]:
-    """The oracle floor from ``RUN_DIR/valid_routing.pt`` (None without one), cached in oracle_floor.json
-    next to it (recomputed when the dump is newer)."""
+def best_bias_maxvio_of_run(run_dir: str) -> Optional[float]:
+    """The best bias found from ``RUN_DIR/valid_routing.pt`` (None without one), cached in
+    best_bias_found.json next to it (or read from an older run's oracle_floor.json; recomputed when the dump
+    is newer than the cache)."""
     dump = os.path.join(run_dir, VALID_ROUTING)
     if not os.path.isfile(dump):
         return None
-    cache = os.path.join(run_dir, ORACLE_CACHE)
-    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(dump):
-        with open(cache) as fh:
-            return json.load(fh)["maxvio_global"]
-    result = oracle_floor(load_valid_routing(run_dir))
-    with open(cache, "w") as fh:
+    for name in (BEST_BIAS_CACHE, OLD_CACHE):
+        cache = os.path.join(run_dir, name)
+        if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(dump):
+            with open(cache) as fh:
+                return json.load(fh)["maxvio_global"]
+    result = best_bias_found(load_valid_routing(run_dir))
+    with open(os.path.join(run_dir, BEST_BIAS_CACHE), "w") as fh:
         json.dump({"maxvio_global": result.maxvio_global, "layers": list(result.layers),
-                   "learned_bias_maxvio_global": result.learned, "iters": ORACLE_ITERS}, fh, indent=1)
+                   "learned_bias_maxvio_global": result.learned, "iters": SEARCH_ITERS,
+                   "bias_layers": [b.tolist() for b in result.bias_LE]}, fh, indent=1)
     return result.maxvio_global
 
 
 def run_floors(args: argparse.Namespace, run_dir: str) -> dict:
     """The floors of one run (``ablation.report.FLOORS`` keys) from its parsed mlf-pretrain arguments and
-    its run directory: the random-router MaxVio over each metric's tokens, and the oracle floor (None
-    without a validation dump)."""
+    its run directory: the random-router MaxVio over each metric's tokens, and the MaxVio_global of the best
+    bias found (None without a validation dump)."""
     tokens = floor_tokens(args)
     experts, topk = args.num_experts, args.moe_router_topk
     return {
         "floor_random_global": random_floor(experts, topk, tokens["global"]) if tokens["global"] else None,
-        "floor_oracle_global": oracle_floor_of_run(run_dir),
+        "floor_best_bias_global": best_bias_maxvio_of_run(run_dir),
         "floor_random_batch": random_floor(experts, topk, tokens["batch"]),
         "floor_random_compute": random_floor(experts, topk, tokens["compute"]),
     }

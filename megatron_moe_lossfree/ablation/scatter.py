@@ -1,7 +1,7 @@
 """One picture of every ablation run (issue 18, item 5): validation perplexity against MaxVio_global.
 
 One dot per run (seed), the mean of each arm marked and labelled, the floors drawn as vertical lines
-(the random router's MaxVio_global, and the oracle floor's mean and range over the runs that have one).
+(the random router's MaxVio_global, and the best bias found's mean and range over the runs that have one).
 ``mlf-report --scatter ROOT ...`` draws it from the run directories under ROOT (``find_runs``); the
 points and arm means are pure functions, tested on exact values.
 """
@@ -28,7 +28,8 @@ class Point:
     ppl: float
     maxvio_global: float
     floor_random: Optional[float]
-    floor_oracle: Optional[float]
+    floor_best_bias: Optional[float]
+    """MaxVio_global of the best bias found on the run's final evaluation (ablation/floors.py)."""
 
 
 def find_runs(root: str) -> list[str]:
@@ -99,7 +100,7 @@ def collect_points(run_dirs: Sequence[str], root: str) -> list[Point]:
                 floors = {}
         points.append(Point(group=_group(run_dir, root), seed=marker.get("seed"), ppl=ppl,
                             maxvio_global=maxvio, floor_random=floors.get("floor_random_global"),
-                            floor_oracle=floors.get("floor_oracle_global")))
+                            floor_best_bias=floors.get("floor_best_bias_global")))
     return points
 
 
@@ -118,7 +119,7 @@ def floor_lines(points: Sequence[Point]) -> dict[str, tuple[float, float, float]
     """{label: (mean, min, max)} of each floor over the runs that have it."""
     out = {}
     for label, values in (("random router", [p.floor_random for p in points]),
-                          ("oracle bias", [p.floor_oracle for p in points])):
+                          ("best bias found", [p.floor_best_bias for p in points])):
         values = [v for v in values if v is not None]
         if values:
             out[label] = (sum(values) / len(values), min(values), max(values))
@@ -161,7 +162,7 @@ def plot_scatter(points: Sequence[Point], path: str, title: str = "") -> None:
             ax.axvspan(low, high, color="0.3", alpha=0.08)
     positive = [p.maxvio_global for p in points if p.maxvio_global > 0]
     if positive and max(positive) / min(positive) > 10:
-        # Logarithmic above 0.01, linear below: a floor of 0 (the oracle's, typically) stays on the axis.
+        # Logarithmic above 0.01, linear below: a floor of 0 (the best bias found's, typically) stays on the axis.
         ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
         ax.set_xlim(-0.002, 1.5 * max(positive))
     # The figure's title, not the axes': centred on the figure, it is never cut by the legend beside the axes.

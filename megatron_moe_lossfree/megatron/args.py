@@ -21,6 +21,9 @@ _HELP_OVERRIDES = {
     "smebu_momentum": "SMEBU momentum beta (Trinity Large: 0.5)",
     "phi_ema": "phi-Balancing: decay of the EMA of the routing distribution (ours)",
     "bip_iterations": "BIP-based balancing: dual (ADMM) iterations per step (ours)",
+    "dump_loads": "mlf-pretrain: write every step's loads to OUT/loads.jsonl, one JSON row per optimizer step: "
+                  '{"step": N, "layers": [MoE layer numbers], "loads": [[tokens per expert] per layer]} '
+                  "(pre-drop, summed over the ranks)",
 }
 
 

@@ -56,8 +56,12 @@ class BiasBalancer:
     """Owns the per-step bias update of every LossFreeRouter in ``model_chunks``."""
 
     def __init__(self, model_chunks, lossfree: LossFreeConfig, *, group=None, topk: int,
-                 original_finalize: Optional[Callable] = None, megatron_config=None):
+                 original_finalize: Optional[Callable] = None, megatron_config=None, qb_duplicate: bool = False):
         self.routers = find_routers(model_chunks)
+        # True on a rank whose exact quantile solutions duplicate another rank's of ``group``: a TP rank > 0
+        # under sequence parallelism (the values were all-gathered over TP, so every TP rank solved the same
+        # rows). It then adds weight 0 to the average, which is over DP x CP as Megatron's (install_bias_balancer).
+        self.qb_duplicate = qb_duplicate
         self.megatron_config = megatron_config
         self.lossfree = lossfree
         self.group = group
@@ -163,14 +167,17 @@ class BiasBalancer:
         """All-reduce every layer's counts and non-finite flags -- and the quantile rule's statistics --
         in ONE collective; returns a copy (the live buffers are zeroed for the next step).
 
-        The quantile statistics ride along: the exact estimator's solution sums and micro-batch counts in
-        a float64 payload (counts stay exact below 2**53), or the histogram estimator's int64 histograms
-        and token counts in the int64 one. ``self.last_quantile`` keeps the reduced statistics."""
+        The quantile statistics ride along: the exact estimator's per-rank mean solution and a rank weight
+        in a float64 payload (``exact_rank_stats``; counts stay exact below 2**53), or the histogram
+        estimator's int64 histograms and token counts in the int64 one. ``self.last_quantile`` keeps the
+        reduced statistics."""
         parts = [self.flat_counts]
         if self.quantile:
             for router in self.routers:
-                stats = router.qb_solution_sum if router.qb_solution_sum is not None else router.qb_histogram
-                parts += [stats.reshape(-1), router.qb_observed.reshape(1)]
+                if router.qb_solution_sum is not None:
+                    parts += self.exact_rank_stats(router)
+                else:
+                    parts += [router.qb_histogram.reshape(-1), router.qb_observed.reshape(1)]
         dtype = torch.float64 if any(p.is_floating_point() for p in parts) else torch.int64
         payload = torch.cat([p.to(dtype) for p in parts]) if len(parts) > 1 else parts[0].clone()
         if self.group is not None and dist.is_initialized() and dist.get_world_size(self.group) > 1:
@@ -181,6 +188,16 @@ class BiasBalancer:
         reduced = payload[: self.flat_counts.numel()]
         self.last_quantile = payload[self.flat_counts.numel():]
         return reduced.long() if dtype != torch.int64 else reduced
+
+    def exact_rank_stats(self, router) -> list[torch.Tensor]:
+        """This rank's part of the exact estimator's average, in Megatron-Core 0.19.2's order
+        (``_update_router_qb_beta``): the mean of this rank's micro-batch solutions first, in fp32
+        (``quantile.qb_mean_solution``: the fp32 sum in micro-batch order over the count), then, after the
+        all-reduce, the mean of those means over the ranks (``update_quantile``). The weight is 1 for a
+        rank that solved a micro-batch and is no TP duplicate, else 0 (such a rank's mean is zeroed)."""
+        weight = (router.qb_observed > 0) & (not self.qb_duplicate)
+        mean_E = quantile.qb_mean_solution(router.qb_solution_sum, router.qb_observed)
+        return [torch.where(weight, mean_E, torch.zeros_like(mean_E)), weight.long().reshape(1)]
 
     def step(self) -> None:
         if not self.routers:
@@ -261,11 +278,19 @@ class BiasBalancer:
 
     @torch.no_grad()
     def update_quantile(self, rate: float) -> Optional[torch.Tensor]:
-        """The quantile rule from the reduced statistics (pure maths: ``quantile.py``): exact, the average
-        solution (sum over ranks and micro-batches / their count, Megatron's ``accum / count``); histogram,
-        the k/E quantile of the summed histograms. Then ``centre(ema*b + (1-ema)*solution)`` per layer,
-        Megatron's ``_update_router_qb_beta``. A layer that observed nothing, a frozen or eval-mode router,
-        and a bias frozen by the v3 schedule (rate 0) keep their bias. Returns the large-bias flag."""
+        """The quantile rule from the reduced statistics (pure maths: ``quantile.py``): exact, the mean over
+        ranks of each rank's mean solution (``exact_rank_stats``; the summed fp32 means, rounded to fp32 once,
+        over the ranks: ``qb_mean_solution``); histogram, the k/E quantile of the summed histograms. Then
+        ``centre(ema*b + (1-ema)*solution)`` per layer (``qb_blend_center``), Megatron's
+        ``_update_router_qb_beta``. A layer that observed nothing, a frozen or eval-mode router, and a bias
+        frozen by the v3 schedule (rate 0) keep their bias. Returns the large-bias flag.
+
+        Bits: one rank, or two, give Megatron-Core 0.19.2's ``qb_beta`` bit for bit. With three or more ranks
+        the sum over ranks is exact here (fp64, then one rounding), where Megatron's fp32 ``all_reduce(AVG)``
+        rounds at each addition in an order the backend picks (gloo: ring order by element position, then
+        / n; NCCL: each value premultiplied by 1/n): the two can differ in the last bits of the mean (by about
+        one ulp of the largest rank's mean; docs/notes_qb_megatron.md), and no reduction but Megatron's own
+        call would match."""
         if rate == 0.0:
             return None
         cfg = self.lossfree
@@ -281,7 +306,7 @@ class BiasBalancer:
                 continue
             stats, observed = self.last_quantile[start: start + width * bins], observed_L[i]
             if cfg.quantile_estimator == "exact":
-                solution_E = stats.float() / observed.float()
+                solution_E = quantile.qb_mean_solution(stats.float(), observed.long())
             else:
                 solution_E = quantile.qb_histogram_quantile_E(
                     stats.view(width, cfg.quantile_bins), router.expert_bias, self.topk, num_tokens=observed,
@@ -368,7 +393,12 @@ def install_bias_balancer(config, model_chunks, lossfree: LossFreeConfig) -> Bia
     original = config.finalize_model_grads_func or finalize_model_grads
     if isinstance(original, BiasBalancer):
         original = original.original_finalize
+    from megatron.core import parallel_state as ps
+
+    # Under SP the count group holds every TP rank, whose exact solutions are the same (gathered over TP).
+    duplicate = bool(config.sequence_parallel) and ps.get_tensor_model_parallel_rank() != 0
     balancer = BiasBalancer(model_chunks, lossfree, group=count_reduction_group(config.sequence_parallel),
-                            topk=config.moe_router_topk, original_finalize=original, megatron_config=config)
+                            topk=config.moe_router_topk, original_finalize=original, megatron_config=config,
+                            qb_duplicate=duplicate)
     config.finalize_model_grads_func = balancer
     return balancer

@@ -19,6 +19,9 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 | moe_router_force_load_balancing, _force_biased,  | honoured: Megatron's ``TopKRouter.forward`` is inherited  |
 | moe_input_jitter_eps                             |                                                           |
 | moe_enable_routing_replay                        | honoured: the plugin's selection is recorded / replayed   |
+|                                                  | (every rule; under REPLAY the count rules see the replayed|
+|                                                  | loads, the quantile rule still solves on the scores; Mega-|
+|                                                  | tron 0.19's own QB bypasses replay: router.py, phase 3)   |
 | quantile_balancing, moe_router_quantile_balancing| mapped: ``--lossfree-update-rule quantile``, exact on logits|
 | _ema                                             | with that EMA (the plugin's bias is -qb_beta)             |
 | moe_router_enable_expert_bias with               | honoured: a fixed bias (selects, saved/loaded, never      |

@@ -88,6 +88,11 @@ def lossfree_config_from_megatron_args() -> LossFreeConfig:
     args = get_args()
     if not hasattr(args, "lossfree_balancing"):  # stock flags: Megatron's decide (no bias unless asked)
         return MEGATRON_ONLY
+    if getattr(args, "lossfree_dump_loads", False):
+        from megatron_moe_lossfree.errors import LossFreeConfigError
+
+        raise LossFreeConfigError("--lossfree-dump-loads (True) is written by mlf-pretrain only (it needs its "
+                                  "--out): under Megatron-LM drop it")
     return lossfree_config_from_args(args)
 
 

@@ -9,7 +9,9 @@ Forward, in phases (Megatron's ``TopKRouter.routing`` order; Megatron's flags pe
 3. experts_TK = biased top-K (LFB Alg. 1: bias for selection only) on the values Megatron selects on
    (``selection_values``: its dtype, logits for softmax after the top-K), or on logits for the quantile
    rule in Megatron's space; through Megatron's RouterReplay when replay is on. The quantile rule's top-(K+1)
-   also gives each token's cutoff, and its per-micro-batch statistic is taken here.
+   also gives each token's cutoff, and its per-micro-batch statistic is taken here, in every replay mode
+   (RECORD records that top-K; REPLAY_* dispatches and counts the recorded experts, while the quantile
+   still solves for the bias that balances the router's own choice on these scores).
 4. counts_E += a scatter-add count of experts_TK over the non-padding tokens -- BEFORE any dropping, int64, only in a
    training forward with grad enabled, so eval, no-grad forwards and the no-grad first pass of activation
    recompute never count, and the recompute pass in backward counts each token exactly once.
@@ -86,7 +88,7 @@ class LossFreeRouter(TopKRouter):
         self.ep_size = 1
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         # Set to a list by ``metrics_log.record_valid_routing``: evaluation forwards append their selection
-        # values there (the oracle floor of the ablations; None, the default, records nothing).
+        # values there (the ablations' best bias found; None, the default, records nothing).
         self.eval_record: Optional[list[torch.Tensor]] = None
         self.frozen_expert_bias = getattr(self, "frozen_expert_bias", False)  # 0.19's flag; 0.16 lacks it
         self.register_quantile_state()
@@ -226,14 +228,16 @@ class LossFreeRouter(TopKRouter):
             return scores_TE if self.expert_bias is not None else logits_TE.detach()
         return scores_TE.detach().to(compat.router_selection_dtype(logits_TE.dtype))
 
-    def select_or_replay(self, scores_TE: torch.Tensor) -> torch.Tensor:
-        """experts_TK of ``select``, through Megatron's RouterReplay when ``moe_enable_routing_replay`` is on:
-        RECORD stores the plugin's (biased) choice, REPLAY_* routes on the recorded experts."""
+    def select_or_replay(self, scores_TE: torch.Tensor, chosen_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """experts_TK of ``select`` (or ``chosen_TK``, the quantile rule's own choice), through Megatron's
+        RouterReplay when ``moe_enable_routing_replay`` is on: RECORD stores the plugin's (biased) choice,
+        REPLAY_* routes on the recorded experts."""
         if self.router_replay is None:
-            return self.select(scores_TE)
+            return self.select(scores_TE) if chosen_TK is None else chosen_TK
 
         def compute_topk(scores, topk, num_groups=None, group_topk=None):
-            return None, self.select(scores)  # (values, indices): only the indices are used or recorded
+            # (values, indices): only the indices are used or recorded
+            return None, self.select(scores) if chosen_TK is None else chosen_TK
 
         return self.router_replay.get_replay_topk(scores_TE, self.topk, None, None, compute_topk)[1].long()
 
@@ -271,12 +275,12 @@ class LossFreeRouter(TopKRouter):
             if cfg.update_rule == "bip":
                 solved_E = quantile.bip_solve_E(values_TE, self.expert_bias, self.topk, iterations=cfg.bip_iterations,
                                                 valid_T=valid_T, reachable_TE=reachable_TE)
-                self.qb_solution_sum += solved_E.float()
+                quantile.qb_accumulate(self.qb_solution_sum, solved_E)
                 self.qb_observed += 1
             elif cfg.quantile_estimator == "exact":
                 solved_E = quantile.qb_exact_solve_E(values_TE, self.expert_bias, self.topk, valid_T=valid_T,
                                                      reachable_TE=reachable_TE, cutoff_T=cutoff_T)
-                self.qb_solution_sum += solved_E.float()
+                quantile.qb_accumulate(self.qb_solution_sum, solved_E)
                 self.qb_observed += 1
             else:
                 self.qb_histogram += quantile.qb_histogram_EB(
@@ -353,10 +357,10 @@ class LossFreeRouter(TopKRouter):
         scores_TE = routing.compute_scores(logits_TE, self.score_function)  # fp32
         select_TE = self.selection_values(logits_TE, scores_TE)  # Megatron's (the quantile rule: logits)
         valid_T = None if pad_T is None else ~pad_T
-        if self.quantile and self.is_counting() and self.router_replay is None:
-            experts_TK = self.observe_quantile(select_TE, valid_T)  # its top-(K+1) is also the selection
-        else:
-            experts_TK = self.select_or_replay(select_TE)
+        # The quantile rule observes every training micro-batch, replay or not: its solution depends on the
+        # scores and the bias only, never on which experts a replay imposes (docs/notes_qb_megatron.md).
+        chosen_TK = self.observe_quantile(select_TE, valid_T) if self.quantile and self.is_counting() else None
+        experts_TK = self.select_or_replay(select_TE, chosen_TK)  # top-(K+1)'s top-K, or the replayed experts
         self.count_loads(experts_TK, valid_T)
         if self.eval_record is not None and not self.training:
             # the fp32 values a bias is added to (scores; logits for the quantile rule in logit space)

@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--moe-token-drop-policy", default="probs", metavar="{probs,position}")
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    g.add_argument("--moe-router-force-load-balancing", action="store_true",
+                   help="Megatron's benchmark mode: random router logits (honoured: Megatron's forward is inherited)")
+    g.add_argument("--moe-input-jitter-eps", type=float, default=None,
+                   help="Megatron's multiplicative input jitter of the router, uniform in [1 - eps, 1 + eps]")
+    g.add_argument("--moe-router-force-biased", type=float, default=None,
+                   help="megatron-core >= 0.19: Megatron's random expert bias of this std on the router logits")
+    g.add_argument("--moe-enable-routing-replay", action="store_true",
+                   help="Megatron's RouterReplay on every router (record / replay the selection)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--transformer-impl", default="local", metavar="{local,transformer_engine}",
                    help="local: Megatron's local spec (CPU and GPU); transformer_engine: TE spec with grouped "
@@ -216,6 +224,9 @@ def _violations(a: argparse.Namespace):
         yield (f"Megatron's quantile balancing (--moe-router-load-balancing-type quantile_balancing with "
                f"--megatron-router, or --moe-router-quantile-balancing-ema) needs megatron-core >= 0.19 (installed: "
                f"{megatron_core_version()}): use the plugin's --lossfree-update-rule quantile")
+    if megatron_core_version().release < (0, 19) and a.moe_router_force_biased is not None:
+        yield (f"--moe-router-force-biased ({a.moe_router_force_biased:g}) needs megatron-core >= 0.19 (installed: "
+               f"{megatron_core_version()}): drop it")
     if len(a.moe_aux_loss_coeff) not in (1, len(a.moe_router_load_balancing_type)):
         yield (f"--moe-aux-loss-coeff ({' '.join(map(str, a.moe_aux_loss_coeff))}) needs one value or one per "
                f"--moe-router-load-balancing-type ({' '.join(a.moe_router_load_balancing_type)})")

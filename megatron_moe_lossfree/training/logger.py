@@ -42,6 +42,10 @@ def truncate_jsonl(path: str, *, last_step: int) -> int:
     return dropped
 
 
+LOADS_FILE = "loads.jsonl"
+"""``--lossfree-dump-loads``: one row per optimizer step (format: ``LossFreeConfig.dump_loads``)."""
+
+
 class RunLogger:
     """Writes one run's outputs; every method is a no-op on ranks that do not log."""
 
@@ -53,6 +57,8 @@ class RunLogger:
         self.writer = None
         self.jsonl = None
         self.bar = None
+        self.loads_file = None
+        self.start_step = start_step
         self.wandb_run = None
         if not enabled:
             return
@@ -111,6 +117,17 @@ class RunLogger:
         row = {"kind": kind, "step": step, **scalars, **(extra or {})}
         self.jsonl.write(json.dumps(row) + "\n")
 
+    def record_loads(self, step: int, loads: dict) -> None:
+        """One ``LOADS_FILE`` row; the file is opened at the first row, keeping only the rows up to the step
+        this job starts from (as metrics.jsonl)."""
+        if not self.enabled:
+            return
+        if self.loads_file is None:
+            path = os.path.join(self.out_dir, LOADS_FILE)
+            truncate_jsonl(path, last_step=self.start_step)
+            self.loads_file = open(path, "a", buffering=1)
+        self.loads_file.write(json.dumps({"step": step, **loads}) + "\n")
+
     def table_line(self, step: int, total: int, m: dict) -> None:
         parts = [f"step {step:>6}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
                  f"tokens/s {m['tokens_per_s']:>8.0f}"]
@@ -128,6 +145,8 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.loads_file is not None:
+            self.loads_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

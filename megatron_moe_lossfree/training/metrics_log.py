@@ -130,6 +130,22 @@ def step_metrics(trainer) -> dict:
     return out
 
 
+def step_loads(trainer) -> dict:
+    """Every MoE layer's loads of the step just taken (``--lossfree-dump-loads``): ``layers`` (global layer
+    numbers) and ``loads`` (int per expert), in layer order. Every rank calls it (PP: one all-reduce)."""
+    balancer = trainer.balancer
+    if balancer is None or not balancer.routers or not balancer.last_counts:
+        return {"layers": [], "loads": []}
+    counts = balancer.last_counts
+    device = counts[0].device
+    width = int(_pp_max(torch.tensor([max(c.numel() for c in counts)], device=device))[0])
+    columns = [torch.tensor([[float(r.layer_number), float(c.numel())] for r, c in zip(balancer.routers, counts)],
+                            dtype=torch.float64, device=device), _stack_or_pad(counts, width)]
+    rows = _by_layer(trainer, torch.cat(columns, dim=1))
+    return {"layers": [int(row[0]) for row in rows],
+            "loads": [[int(x) for x in row[2: 2 + int(row[1])]] for row in rows]}
+
+
 def _bias_moments(bias: list[list[float]]) -> dict:
     """Per layer: the mean and the population standard deviation of the expert biases (host floats)."""
     means = [sum(b) / len(b) for b in bias]
@@ -211,7 +227,7 @@ def eval_metrics(trainer) -> dict:
     return {"maxvio_global": sum(values) / len(values), "maxvio_global_layers": values}
 
 
-# ----------------------------------------------------------------------------- the oracle floor's dump
+# ----------------------------------------------------------------------------- the best-bias search's dump
 
 VALID_ROUTING = "valid_routing.pt"
 VALID_ROUTING_FORMAT = "mlf-valid-routing/1"

@@ -47,6 +47,8 @@ def megatron_router_fields(args: argparse.Namespace) -> dict:
     newer = {}
     if args.moe_router_quantile_balancing_ema:  # a 0.19 field: only set when asked (0.16 lacks it)
         newer["moe_router_quantile_balancing_ema"] = args.moe_router_quantile_balancing_ema
+    if args.moe_router_force_biased is not None:  # a 0.19 field too
+        newer["moe_router_force_biased"] = args.moe_router_force_biased
     return dict(
         **newer,
         moe_router_score_function=args.moe_router_score_function,
@@ -62,6 +64,9 @@ def megatron_router_fields(args: argparse.Namespace) -> dict:
         moe_expert_capacity_factor=args.moe_expert_capacity_factor,
         moe_token_drop_policy=args.moe_token_drop_policy,
         moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+        moe_router_force_load_balancing=args.moe_router_force_load_balancing,
+        moe_input_jitter_eps=args.moe_input_jitter_eps,
+        moe_enable_routing_replay=args.moe_enable_routing_replay,
     )
 
 

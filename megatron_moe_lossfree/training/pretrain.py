@@ -319,7 +319,7 @@ def prepare_data(args, data_mod):
 def train(trainer: Trainer) -> dict:
     """The loop: steps, periodic table lines and evaluations, checkpoints, final summary."""
     from megatron_moe_lossfree.training.checkpoint import save_checkpoint
-    from megatron_moe_lossfree.training.metrics_log import eval_metrics, record_valid_routing, step_metrics
+    from megatron_moe_lossfree.training.metrics_log import eval_metrics, record_valid_routing, step_loads, step_metrics
 
     a, log = trainer.args, trainer.logger
     tokens_per_step = a.global_batch_size * a.seq_length
@@ -329,6 +329,8 @@ def train(trainer: Trainer) -> dict:
         loss = trainer.train_step()
         window_steps += 1
         log.advance()
+        if a.lossfree.dump_loads:
+            log.record_loads(trainer.step, step_loads(trainer))
         if summary["first_loss"] is None:
             summary["first_loss"] = loss
         summary["last_loss"] = loss
@@ -344,7 +346,7 @@ def train(trainer: Trainer) -> dict:
         if a.eval_iters > 0 and (trainer.step % a.eval_interval == 0 or trainer.step == a.train_iters):
             final = trainer.step == a.train_iters
             if final:
-                record_valid_routing(trainer)  # the ablations' oracle floor reads the final evaluation
+                record_valid_routing(trainer)  # the ablations' best-bias search reads the final evaluation
             val = (trainer.evaluate(final_eval_iters(a), trainer.final_valid_data) if final
                    else trainer.evaluate())
             balance = eval_metrics(trainer)

@@ -54,6 +54,49 @@ def _routers(trainer) -> list:
     return [m for m in getattr(trainer, "model", trainer).modules() if isinstance(m, TopKRouter)]
 
 
+def _rng_state():
+    """The RNG streams a router may draw from in training (Megatron's input jitter and forced random logits):
+    torch's global generator and Megatron's model-parallel tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    return torch.get_rng_state(), get_cuda_rng_tracker().get_states()
+
+
+def _set_rng_state(state) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state[0])
+    get_cuda_rng_tracker().set_states(state[1])
+
+
+def replayed_experts_TK(num_tokens: int, topk: int, num_experts: int) -> torch.Tensor:
+    """A choice no router makes, for REPLAY_FORWARD: token t takes expert 0 and experts 1 + (t + j) % (E - 1),
+    j < K - 1 (expert 0 overloaded, so a bias learning from these loads moves)."""
+    others = 1 + (torch.arange(num_tokens).unsqueeze(1) + torch.arange(topk - 1)) % (num_experts - 1)
+    return torch.cat([torch.zeros(num_tokens, 1, dtype=torch.long), others], dim=1)
+
+
+def _arm_replay(trainer, replay: str | None) -> None:
+    """RouterReplay's action on every router of ``trainer``: "record", or "forward" (replay a fixed choice
+    of ``replayed_experts_TK`` on every call)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    if replay is None:
+        return
+    tokens = trainer.args.seq_length * trainer.args.micro_batch_size
+    for router in _routers(trainer):
+        if replay == "record":
+            router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
+        else:
+            experts_TK = replayed_experts_TK(tokens, router.topk, router.config.num_moe_experts)
+            router.router_replay.set_target_indices(experts_TK)
+            router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+def _recorded(trainer) -> list:
+    return [r.router_replay.get_recorded_indices() for r in _routers(trainer) if r.router_replay is not None]
+
+
 def _run(trainer) -> tuple[list, list, dict]:
     maps = []
     hooks = [r.register_forward_hook(lambda module, args, out: maps.append(out[1].detach().clone()))
@@ -65,12 +108,17 @@ def _run(trainer) -> tuple[list, list, dict]:
     return losses, maps, {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def pair_case(workdir: str, name: str, flags: Sequence[str], initial_bias: bool = False) -> dict:
+def pair_case(workdir: str, name: str, flags: Sequence[str], initial_bias: bool = False,
+              replay: str | None = None) -> dict:
     """Native against plugin on this rank; plain numbers and booleans (picklable). ``initial_bias``: start
-    both from the same non-zero bias (as loaded from a checkpoint), for the fixed bias of rate 0."""
+    both from the same non-zero bias (as loaded from a checkpoint), for the fixed bias of rate 0. ``replay``:
+    RouterReplay's action on every router of both ("record" or "forward", with ``--moe-enable-routing-replay``)."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
     from megatron_moe_lossfree.megatron.router import LossFreeRouter
     from megatron_moe_lossfree.training.checkpoint import unwrap
 
+    RouterReplay.clear_global_router_replay_instances()  # the previous case's routers
     native = _setup(["--megatron-router", "--lossfree-balancing", "none", *flags], os.path.join(workdir, f"n-{name}"))
     plugin = _setup(plugin_flags(flags), os.path.join(workdir, f"p-{name}"))
     assert all(isinstance(r, LossFreeRouter) for r in _routers(plugin)) and _routers(plugin)
@@ -80,9 +128,14 @@ def pair_case(workdir: str, name: str, flags: Sequence[str], initial_bias: bool 
         router.expert_bias.copy_(torch.linspace(-0.05, 0.05, router.expert_bias.numel()).roll(router.layer_number))
         start[router.layer_number] = router.expert_bias.clone()
     unwrap(plugin.model).load_state_dict(unwrap(native.model).state_dict(), strict=True)
+    for trainer in (native, plugin):
+        _arm_replay(trainer, replay)
 
+    rng = _rng_state()  # both runs draw the same jitter and random logits
     native_losses, native_maps, native_state = _run(native)
+    _set_rng_state(rng)
     plugin_losses, plugin_maps, plugin_state = _run(plugin)
+    recorded = [_recorded(t) for t in (native, plugin)]
     param_diff = max(float((native_state[k].double() - plugin_state[k].double()).abs().max())
                      for k in native_state if not is_bias(k) and native_state[k].is_floating_point())
     # Megatron's quantile balancing keeps qb_beta; the plugin's bias is expert_bias = -qb_beta.
@@ -102,6 +155,14 @@ def pair_case(workdir: str, name: str, flags: Sequence[str], initial_bias: bool 
         "maps_equal": len(native_maps) == len(plugin_maps)
         and all(torch.equal(a, b) for a, b in zip(native_maps, plugin_maps)),
         "dropped": sum(int(m.sum()) for m in native_maps) < sum(m.shape[0] for m in native_maps) * 2,
+        # RECORD: both recorded every router's last choice, the same one
+        "recorded": sum(x is not None for x in recorded[0]),
+        "recorded_equal": len(recorded[0]) == len(recorded[1]) and all(
+            a is not None and b is not None and torch.equal(a, b) for a, b in zip(*recorded)),
+        # REPLAY_FORWARD: every routing map is the replayed choice
+        "maps_replayed": replay == "forward" and all(
+            torch.equal(m, torch.zeros_like(m).scatter(1, replayed_experts_TK(m.shape[0], 2, m.shape[1]), True))
+            for m in native_maps),
     }
 
 

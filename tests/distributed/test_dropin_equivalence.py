@@ -25,6 +25,10 @@ limit x balancing loss type x capacity and policy):
   on the raw bf16 logits). The rate there is 2**-7: Megatron's own update under Float16Module multiplies a bf16
   sign by the rate and so moves by the bf16-rounded rate (1e-2 becomes 0.010009765625, its counts are bf16 too);
   the plugin moves by the exact fp32 rate on int64 counts, a stated departure (README).
+- the flags Megatron's inherited ``TopKRouter.forward`` applies before routing: forced random logits, input
+  jitter (with the bias) and 0.19's forced random bias, both runs drawing the same random numbers;
+- routing replay with the bias: RECORD (both record the same choices) and REPLAY_FORWARD of a fixed choice no
+  router makes (every map is that choice, and the bias learns from its loads as Megatron's does).
 """
 
 from __future__ import annotations
@@ -58,7 +62,13 @@ MATRIX = {
     "capacity_probs": SOFTMAX + ["--moe-expert-capacity-factor", "1.0"],
     "capacity_position_padded": ["--moe-expert-capacity-factor", "0.5", "--moe-token-drop-policy", "position",
                                  "--moe-pad-expert-input-to-capacity"],
+    "force_load_balancing": ["--moe-router-force-load-balancing"],
+    "input_jitter_bias": BIAS + ["--moe-input-jitter-eps", "0.1"],
+    "replay_record_bias": BIAS + ["--moe-enable-routing-replay"],
+    "replay_forward_bias": BIAS + ["--moe-enable-routing-replay"],
 }
+# RouterReplay's action in both runs (dropin_cases.pair_case).
+REPLAY = {"replay_record_bias": "record", "replay_forward_bias": "forward"}
 # megatron-core >= 0.19: Megatron's quantile balancing against the plugin's quantile rule (exact estimator on
 # logits, mapped from Megatron's flags), with and without its EMA.
 QB = {
@@ -76,6 +86,7 @@ BF16 = {
 HAS_QB = megatron_core_version().release >= (0, 19)
 if HAS_QB:
     MATRIX.update(QB)
+    MATRIX["force_biased"] = ["--moe-router-force-biased", "0.5"]  # a 0.19 field
 EP2 = ["sigmoid_bias_groups", "v3_recipe", "softmax_aux_loss", "capacity_probs"]
 EP2_FLAGS = ["--expert-model-parallel-size", "2"]
 if HAS_QB:
@@ -92,7 +103,8 @@ def launches(tmp_path_factory, record_distributed_time):
             names = list(MATRIX) if world == 1 else EP2
             extra = [] if world == 1 else EP2_FLAGS
             cases = [Case(n, dropin_cases.pair_case, dict(workdir=workdir, name=n, flags=MATRIX[n] + extra,
-                                                          initial_bias=n == "fixed_bias"))
+                                                          initial_bias=n == "fixed_bias",
+                                                          replay=REPLAY.get(n)))
                      for n in names]
             if world == 1:
                 cases += [Case(n, dropin_cases.bf16_pair_case, dict(workdir=workdir, name=n, flags=flags))
@@ -124,6 +136,10 @@ def check(result: dict, name: str) -> None:
         assert result["bias_fp32"]
     if "--moe-expert-capacity-factor" in flags:
         assert result["dropped"], "the capacity dropped nothing: the case would not test dropping"
+    if REPLAY.get(name) == "record":
+        assert result["recorded"] == 3 and result["recorded_equal"]  # every MoE layer recorded the same choice
+    if REPLAY.get(name) == "forward":
+        assert result["maps_replayed"]
 
 
 @pytest.mark.parametrize("name", list(MATRIX))

@@ -1,5 +1,5 @@
-"""ablation/floors.py: the sampling floor (random router) and the oracle floor (best single bias on the
-validation scores), on cases whose answers are known exactly."""
+"""ablation/floors.py: the sampling floor (random router) and the best bias found (the best single bias a
+search finds on the validation scores), on cases whose answers are known exactly."""
 
 import math
 import os
@@ -11,12 +11,13 @@ from megatron_moe_lossfree.ablation import floors
 from megatron_moe_lossfree.ablation.floors import (
     Floor,
     load_valid_routing,
-    oracle_bias_E,
-    oracle_floor,
+    best_bias_found,
     routed_counts_E,
     sampling_floor,
+    search_best_bias_E,
 )
 from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.metrics import max_violation
 
 
 # ----------------------------------------------------------------------------- sampling floor
@@ -60,7 +61,7 @@ def test_sampling_floor_bad_arguments_name_the_value():
                               ">= 1: pass the tokens the loads count; samples (1) must be an integer >= 2")
 
 
-# ----------------------------------------------------------------------------- oracle floor
+# ----------------------------------------------------------------------------- the best bias found
 
 
 def skewed_scores(num_tokens=8):
@@ -79,21 +80,68 @@ def test_routed_counts_additive_and_multiplicative():
     assert routed_counts_E(scores, torch.tensor([1.0, 2.0, 1.0, 1.0]), 2, "multiplicative").tolist() == [8, 8, 0, 0]
 
 
-def test_oracle_balances_a_collapsed_layer_exactly():
+def test_the_search_balances_a_collapsed_layer_exactly():
     scores = skewed_scores()
-    bias, vio = oracle_bias_E(scores, 1)
+    bias, vio = search_best_bias_E(scores, 1)
     assert vio == 0.0
     assert routed_counts_E(scores, bias, 1).tolist() == [2, 2, 2, 2]
     assert float(bias.sum()) == pytest.approx(0.0, abs=1e-12)  # centred, as QB centres
 
 
-def test_oracle_floor_is_the_integer_limit_when_exact_balance_is_impossible():
+def test_the_search_finds_the_integer_limit_when_exact_balance_is_impossible():
     # 5 tokens, 2 experts, top-1: the best split is 3/2, MaxVio = 3 / 2.5 - 1 = 0.2.
     scores = torch.tensor([[0.5, 0.1], [0.6, 0.2], [0.7, 0.3], [0.8, 0.4], [0.9, 0.45]], dtype=torch.float64)
-    assert oracle_bias_E(scores, 1)[1] == pytest.approx(0.2, abs=1e-12)
+    assert search_best_bias_E(scores, 1)[1] == pytest.approx(0.2, abs=1e-12)
     # Identical tokens cannot be told apart by any bias: all take the same expert, MaxVio = E/K - 1 = 3.
     same = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 4)
-    assert oracle_bias_E(same, 1)[1] == 3.0
+    assert search_best_bias_E(same, 1)[1] == 3.0
+
+
+def grid_minimum(scores_TE, step=0.005, span=1.0):
+    """The exact minimum MaxVio over additive biases for E = 3, top-1, by exhaustive search: centred biases
+    have two free coordinates (b0 = 0), and a grid of ``step`` over [-span, span]^2 meets every routing
+    region wider than a grid cell (the case below has none thinner)."""
+    grid = torch.arange(-span, span + step / 2, step, dtype=torch.float64)
+    b1, b2 = torch.meshgrid(grid, grid, indexing="ij")
+    bias_GE = torch.stack([torch.zeros_like(b1), b1, b2], dim=-1).reshape(-1, 3)
+    choice_GT = (scores_TE.unsqueeze(0) + bias_GE.unsqueeze(1)).argmax(-1)
+    loads_GE = torch.nn.functional.one_hot(choice_GT, 3).sum(1).double()
+    mean = scores_TE.shape[0] / 3
+    return float(((loads_GE.max(-1).values - mean) / mean).min())
+
+
+def test_the_search_reaches_the_exhaustive_optimum_of_a_random_layer():
+    """10 skewed random tokens, 3 experts, top-1: exhaustive search over the biases gives the best loads
+    (4, 3, 3), MaxVio 4 / (10/3) - 1 = 0.2; the search finds it from a zero start and from a bad one, and
+    returns a bias that reaches it."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(10, 3, generator=gen, dtype=torch.float64)
+    scores[:, 0] += 0.3
+    known = grid_minimum(scores, span=1.5)
+    assert known == pytest.approx(0.2, abs=1e-12)
+    for start in (None, torch.tensor([0.9, -0.4, -0.5], dtype=torch.float64)):
+        bias, vio = search_best_bias_E(scores, 1, start_E=start)
+        assert vio == pytest.approx(known, abs=1e-12)
+        assert max_violation(routed_counts_E(scores, bias, 1)) == vio
+
+
+def test_the_search_can_stay_above_the_optimum_it_is_no_floor():
+    """9 tokens, 3 experts, top-1, 5 of them identical: they share one expert whatever the bias, and the
+    exhaustive optimum is loads (5, 2, 2), MaxVio 2/3. The search stalls at (6, 0, 3), MaxVio 1: its step
+    puts the bias on the identical tokens' tie, which top-K breaks towards expert 0. Hence "best bias found",
+    a reachable value, not a proven minimum."""
+    gen = torch.Generator().manual_seed(30)
+    scores = torch.cat([torch.tensor([[0.7, 0.5, 0.3]] * 5, dtype=torch.float64),
+                        torch.rand(4, 3, generator=gen, dtype=torch.float64)])
+    assert grid_minimum(scores) == pytest.approx(2 / 3, abs=1e-12)
+    bias, vio = search_best_bias_E(scores, 1)
+    assert vio == 1.0 and routed_counts_E(scores, bias, 1).tolist() == [6, 0, 3]
+
+
+def test_the_search_is_a_search_few_steps_may_stop_above_the_optimum():
+    """Named for what it is: with no step the result is the start's MaxVio, above the known optimum (0)."""
+    scores = skewed_scores()
+    assert search_best_bias_E(scores, 1, iters=0)[1] == 3.0 > search_best_bias_E(scores, 1)[1] == 0.0
 
 
 def write_dump(run_dir, **overrides):
@@ -107,14 +155,14 @@ def write_dump(run_dir, **overrides):
     torch.save(blob, os.path.join(run_dir, floors.VALID_ROUTING))
 
 
-def test_oracle_floor_from_a_dump(tmp_path):
-    assert load_valid_routing(str(tmp_path)) is None  # no dump: no oracle floor
+def test_best_bias_found_from_a_dump(tmp_path):
+    assert load_valid_routing(str(tmp_path)) is None  # no dump: no best bias
     write_dump(str(tmp_path))
     routing = load_valid_routing(str(tmp_path))
     assert (routing.step, routing.topk, routing.layers) == (10, 1, (2, 3))
-    result = oracle_floor(routing)
+    result = best_bias_found(routing)
     # Layer 2 routes everything to expert 0 (MaxVio 3); layer 3 with bias +0.5 on expert 3 too: the
-    # learned MaxVio_global recomputed from the dump is their mean, 3.0; the oracle balances both.
+    # learned MaxVio_global recomputed from the dump is their mean, 3.0; the search balances both.
     assert (result.maxvio_global, result.layers, result.learned) == (0.0, (0.0, 0.0), 3.0)
 
 
@@ -127,6 +175,26 @@ def test_a_dump_of_another_format_is_refused(tmp_path):
     write_dump(str(tmp_path), layers=[2])
     with pytest.raises(LossFreeConfigError, match=r"has 2 score tables but 1 layers, 2 biases and 2 count rows"):
         load_valid_routing(str(tmp_path))
+
+
+def test_the_run_cache_is_written_and_an_older_run_s_oracle_cache_still_read(tmp_path):
+    import json
+
+    run = str(tmp_path / "run")
+    write_dump(run)
+    assert floors.best_bias_maxvio_of_run(run) == 0.0
+    with open(os.path.join(run, floors.BEST_BIAS_CACHE)) as fh:
+        cache = json.load(fh)
+    dump = load_valid_routing(run)
+    for scores_TE, bias_E, vio in zip(dump.scores_LTE, cache["bias_layers"], cache["layers"]):
+        assert max_violation(routed_counts_E(scores_TE, torch.tensor(bias_E, dtype=torch.float64), 1)) == vio  # reachable
+    # A run directory written before the rename holds oracle_floor.json (same keys): the report reads it.
+    old = str(tmp_path / "old")
+    write_dump(old)
+    with open(os.path.join(old, floors.OLD_CACHE), "w") as fh:
+        json.dump({"maxvio_global": 0.125, "layers": [0.125], "learned_bias_maxvio_global": 3.0, "iters": 200}, fh)
+    assert floors.best_bias_maxvio_of_run(old) == 0.125
+    assert not os.path.exists(os.path.join(old, floors.BEST_BIAS_CACHE))
 
 
 def test_small_scale_final_evaluation_puts_the_random_floor_under_one_percent():

@@ -80,6 +80,26 @@ def test_cli_prints_one_line_without_traceback(capsys):
     assert err.startswith("error: --num-experts (6) must be divisible")
 
 
+def test_megatron_s_forward_flags_reach_the_transformer_config():
+    """--moe-router-force-load-balancing, --moe-input-jitter-eps, --moe-enable-routing-replay (both lanes) and
+    --moe-router-force-biased (0.19; refused by name on 0.16): Megatron's names, Megatron's fields."""
+    from megatron_moe_lossfree.megatron.compat import megatron_core_version
+    from megatron_moe_lossfree.training.model import megatron_router_fields
+
+    fields = megatron_router_fields(parse_args(["--moe-router-force-load-balancing", "--moe-input-jitter-eps", "0.1",
+                                                "--moe-enable-routing-replay"]))
+    assert (fields["moe_router_force_load_balancing"], fields["moe_input_jitter_eps"],
+            fields["moe_enable_routing_replay"]) == (True, 0.1, True)
+    assert "moe_router_force_biased" not in fields  # not given: 0.16 has no such field
+    if megatron_core_version().release >= (0, 19):
+        assert megatron_router_fields(parse_args(["--moe-router-force-biased", "0.5"]))["moe_router_force_biased"] == 0.5
+    else:
+        with pytest.raises(LossFreeConfigError) as info:
+            parse_args(["--moe-router-force-biased", "0.5"])
+        assert str(info.value) == (f"--moe-router-force-biased (0.5) needs megatron-core >= 0.19 (installed: "
+                                   f"{megatron_core_version()}): drop it")
+
+
 WANDB_CASES = [
     (["--wandb-project", "moe"], "--wandb-project (moe) needs --wandb-exp-name (the run's name, as in Megatron-LM)"),
     (["--wandb-exp-name", "run1"], "--wandb-exp-name (run1) has no effect without --wandb-project: add it"),

@@ -97,3 +97,19 @@ def test_loaded_balancer_state_wins_over_the_progress_source(megatron_world, meg
     balancer.load_state_dict({"steps": 10, "tokens_seen": 100})
     step()
     assert (balancer.steps, balancer.tokens_seen) == (11, 164)
+
+
+def test_dump_loads_is_refused_under_megatron_lm_in_one_line(megatron_lm_args):
+    """mlf-pretrain writes OUT/loads.jsonl; Megatron-LM has no --out, so the flag would be read by nothing."""
+    import argparse
+
+    from megatron_moe_lossfree.errors import LossFreeConfigError
+    from megatron_moe_lossfree.megatron.args import add_lossfree_args
+    from megatron_moe_lossfree.megatron.megatron_lm import lossfree_config_from_megatron_args
+
+    parsed = add_lossfree_args(argparse.ArgumentParser()).parse_args(["--lossfree-dump-loads"])
+    vars(megatron_lm_args).update(vars(parsed))
+    with pytest.raises(LossFreeConfigError) as info:
+        lossfree_config_from_megatron_args()
+    assert str(info.value) == ("--lossfree-dump-loads (True) is written by mlf-pretrain only (it needs its --out): "
+                               "under Megatron-LM drop it")

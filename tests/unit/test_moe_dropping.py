@@ -413,3 +413,18 @@ def test_layer_refuses_device_padding_at_construction(megatron_world):
     with pytest.raises(LossFreeConfigError, match=r"--lossfree-pad-to-capacity \(True\) is not supported"):
         build_layer(make_config(LossFreeConfig(balancing="none", drop="device", capacity_factor=1.0,
                                                pad_to_capacity=True)))
+
+
+@pytest.mark.parametrize("drop", ["expert", "device"])
+def test_the_plugin_s_capacities_refuse_a_padding_mask_by_name(megatron_world, drop):
+    layer = build_layer(make_config(LossFreeConfig(drop=drop, capacity_factor=1.0)))
+    x = skewed_input()
+    padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+    padding[-1] = True
+    with pytest.raises(LossFreeConfigError) as info:
+        layer.route(x, padding_mask=padding)
+    assert str(info.value) == (
+        f"a padding_mask reached MoE layer 1 with --lossfree-drop {drop}: the plugin's capacities do not leave "
+        f"padding out yet; use unpadded batches or --moe-expert-capacity-factor (Megatron's dropping)")
+    layer.eval()  # evaluation drops nothing: the mask passes
+    layer.route(x, padding_mask=padding)

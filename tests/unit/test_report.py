@@ -186,7 +186,7 @@ def write_ablation_run(root, suite, arm, seed, ppl, maxvio, done=True, dump=Fals
     if done:
         with open(os.path.join(run_dir, "DONE"), "w") as f:
             json.dump({"arm": arm, "seed": seed, "config_flags": ["--preset", "tiny-cpu", "--seed", str(seed)]}, f)
-    if dump:  # a collapsed layer the oracle bias balances exactly (test_ablation_floors.skewed_scores)
+    if dump:  # a collapsed layer the best bias found balances exactly (test_ablation_floors.skewed_scores)
         import torch
 
         from megatron_moe_lossfree.ablation.floors import VALID_ROUTING, VALID_ROUTING_FORMAT
@@ -220,7 +220,7 @@ def test_scatter_points_means_and_floors_exact(ablation_root):
     assert [os.path.relpath(r, ablation_root) for r in runs] == [
         "lfb-main/aux/seed1", "lfb-main/aux/seed2", "lfb-main/bias/seed1", "lfb-main/bias/seed2", "qb/qb-exact/seed1"]
     points = collect_points(runs, ablation_root)
-    assert [(p.group, p.seed, p.ppl, p.maxvio_global, p.floor_oracle) for p in points] == [
+    assert [(p.group, p.seed, p.ppl, p.maxvio_global, p.floor_best_bias) for p in points] == [
         ("lfb-main/aux", 1, 12.0, 2.0, None), ("lfb-main/aux", 2, 14.0, 3.0, None),
         ("lfb-main/bias", 1, 11.0, 0.25, 0.0), ("lfb-main/bias", 2, 13.0, 0.75, None),
         ("qb/qb-exact", 1, 12.5, 0.0625, None)]
@@ -230,14 +230,14 @@ def test_scatter_points_means_and_floors_exact(ablation_root):
     assert arm_means(points) == {"lfb-main/aux": (2.5, 13.0, 2), "lfb-main/bias": (0.5, 12.0, 2),
                                  "qb/qb-exact": (0.0625, 12.5, 1)}
     lines = floor_lines(points)
-    assert lines["oracle bias"] == (0.0, 0.0, 0.0) and lines["random router"][1:] == (floor, floor)
+    assert lines["best bias found"] == (0.0, 0.0, 0.0) and lines["random router"][1:] == (floor, floor)
     assert lines["random router"][0] == pytest.approx(floor, rel=1e-12)  # a mean of 5 equal floats
     assert format_points(points) == (
         "| arm | runs | MaxVio_global (mean) | val PPL (mean) |\n|---|---:|---:|---:|\n"
         "| lfb-main/bias | 2 | 0.500 | 12.000 |\n| qb/qb-exact | 1 | 0.062 | 12.500 |\n"
         "| lfb-main/aux | 2 | 2.500 | 13.000 |\n"
         f"\nfloor, random router: MaxVio_global {floor:.4f} (min {floor:.4f}, max {floor:.4f})\n"
-        "\nfloor, oracle bias: MaxVio_global 0.0000 (min 0.0000, max 0.0000)\n")
+        "\nfloor, best bias found: MaxVio_global 0.0000 (min 0.0000, max 0.0000)\n")
 
 
 def test_cli_scatter_writes_png_and_table(ablation_root, tmp_path, capsys):

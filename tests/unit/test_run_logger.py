@@ -77,3 +77,22 @@ def test_a_fresh_job_leaves_a_shared_tensorboard_dir_as_megatron_does(tmp_path):
     # Both runs' events are kept. Sorted: the reader orders the two files by name, whose last field is the
     # process's writer count (".9" sorts after ".10" once earlier tests have opened nine writers).
     assert sorted((e.step, e.value) for e in events.Scalars("train/loss")) == [(1, 1.0), (1, 2.0)]
+
+
+def test_loads_file_holds_one_row_per_step_and_a_resumed_job_replaces_the_later_ones(tmp_path):
+    from megatron_moe_lossfree.training.logger import LOADS_FILE
+
+    def dump(start_step, steps, scale):
+        log = RunLogger(str(tmp_path), enabled=True, total_steps=4, start_step=start_step, progress=False)
+        for step in steps:
+            log.record_loads(step, {"layers": [2], "loads": [[scale * step, 1]]})
+        log.close()
+
+    dump(0, [1, 2, 3], 1)
+    dump(2, [3, 4], 10)  # resumed from step 2: step 3 is logged again
+    with open(tmp_path / LOADS_FILE) as fh:
+        assert [json.loads(line) for line in fh] == [
+            {"step": s, "layers": [2], "loads": [[v, 1]]} for s, v in ((1, 1), (2, 2), (3, 30), (4, 40))]
+    log = RunLogger(str(tmp_path / "quiet"), enabled=False, total_steps=1, start_step=0, progress=False)
+    log.record_loads(1, {"layers": [], "loads": []})  # a rank that does not log writes nothing
+    assert not (tmp_path / "quiet").exists()
