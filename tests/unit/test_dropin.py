@@ -87,13 +87,13 @@ def test_router_fusion_is_refused_by_name_where_it_cannot_run(monkeypatch):
     with pytest.raises(LossFreeConfigError) as info:
         resolve_lossfree(megatron(moe_router_fusion=True))
     assert str(info.value) == ("--moe-router-fusion (True) needs Triton, which is not installed: pip install "
-                               "'megatron_moe_lossfree[kernels]'; or drop --moe-router-fusion")
+                               "'megatron_moe_lossfree[kernels]', or drop --moe-router-fusion")
     monkeypatch.setattr(kernels.importlib.util, "find_spec", find_spec)
     assert resolve_lossfree(megatron(moe_router_fusion=True)) is not None
     with pytest.raises(LossFreeConfigError) as info:
         resolve_lossfree(megatron(moe_router_fusion=True, moe_router_dtype="fp64"))
     assert str(info.value) == ("--moe-router-fusion (True) with --moe-router-dtype (fp64): the fused router computes "
-                               "in fp32; use --moe-router-dtype fp32 or drop --moe-router-fusion")
+                               "in fp32: use --moe-router-dtype fp32 or drop --moe-router-fusion")
 
 
 def test_graph_scope_outside_the_router_and_the_megatron_mappings_are_accepted():
