@@ -7,6 +7,7 @@
 | ``moe_utils.te_general_gemm``  | undefined without TE (NameError)       | defined (None without TE)                |
 
 | router gate arithmetic         | scores cast to the logits dtype, then normalised | normalised in fp32, cast at the end |
+| CUDA-graph flags               | ``cuda_graph_scope`` (``enable_cuda_graph`` deprecated) | ``cuda_graph_modules``, impl ``full_iteration`` |
 
 Other modules call these helpers instead of branching on the version themselves.
 """
@@ -139,3 +140,26 @@ def router_gate_dtype(logits_dtype):
     import torch
 
     return torch.float32 if megatron_core_version() >= Version("0.17") else logits_dtype
+
+
+def is_graph_capturing() -> bool:
+    """Is a CUDA graph being captured on the current stream (False without CUDA)?"""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def is_graph_warmup() -> bool:
+    """Is this an eager warm-up run of a CUDA-graph capture (its outputs are thrown away)? Megatron's local
+    graphs flag their warm-ups (``is_graph_warmup``, 0.16 and 0.19); Transformer Engine's
+    ``make_graphed_callables`` warms up inside Megatron's capture window (``is_graph_capturing``) on a
+    stream that is not capturing. The router counts nothing in a warm-up; the capture itself records the
+    counting ops, so every replay counts."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.transformer import cuda_graphs
+
+    return cuda_graphs.is_graph_warmup() or (cuda_graphs.is_graph_capturing()
+                                             and not torch.cuda.is_current_stream_capturing())

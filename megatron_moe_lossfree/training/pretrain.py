@@ -122,6 +122,8 @@ class Trainer:
 
         a = self.args
         num_micro = a.global_batch_size // (a.micro_batch_size * ps.get_data_parallel_world_size())
+        if self.balancer is not None and not forward_only:
+            self.balancer.reserve_micro_batches(num_micro)  # a no-op once the routers have room
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=data, model=[self.model],
             num_microbatches=num_micro, seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
