@@ -2,7 +2,8 @@
 leave the router's Python state untouched, so a captured graph replays exactly what eager runs do.
 
 Every host read a capture would fail on (``Tensor.item``, ``tolist``, ``__bool__``, ``__int__``,
-``__float__``, ``__index__``, ``numpy``, ``.cpu()``) raises while micro-batches run forward and backward;
+``__float__``, ``__index__``, ``numpy``, ``.cpu()``) and every op whose output size depends on the data
+(``nonzero``, ``bincount``, boolean-mask indexing, ...) raises while micro-batches run forward and backward;
 the module's attributes and buffers (identity, address, shape, dtype) are compared before and after; the
 static per-micro-batch counts then give the balancer exactly the eager counts. The GPU half (a real
 ``torch.cuda.CUDAGraph`` capture and replay) is tests/gpu/test_cuda_graph_router.py.
@@ -20,6 +21,25 @@ from tests.unit.test_router import E, H, K, make_router
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
 
 
+# Ops whose output size depends on the data: on CUDA they wait for the device to learn it (a capture fails).
+DATA_SIZED_OPS = {"nonzero", "argwhere", "bincount", "masked_select", "unique", "unique_consecutive",
+                  "repeat_interleave", "masked_scatter"}
+
+
+class DataSizedOpsRaise(torch.overrides.TorchFunctionMode):
+    """Raise on data-sized ops and on indexing with a boolean mask (its size is the mask's count)."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in DATA_SIZED_OPS and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            raise AssertionError(f"data-sized op {name} inside the router's forward or backward")
+        if name in ("__getitem__", "index_select") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                raise AssertionError("boolean-mask indexing inside the router's forward or backward")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def host_reads_raise():
     saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
@@ -32,7 +52,8 @@ def host_reads_raise():
     for name in HOST_READS:
         setattr(torch.Tensor, name, refuse(name))
     try:
-        yield
+        with DataSizedOpsRaise():
+            yield
     finally:
         for name, original in saved.items():
             setattr(torch.Tensor, name, original)
