@@ -232,11 +232,13 @@ class BiasBalancer:
             stacks.append(router.micro_batch_counts_ME[:count].clone() if fits else None)
             router.micro_batch_counts_ME.zero_()
             router.micro_batch_index.zero_()
-        most = max(seen, default=0)
-        if self.routers and most > self.routers[0].micro_batch_capacity():
-            warnings.warn(f"step {self.steps + 1} ran {most} micro-batches, more than the "
-                          f"{self.routers[0].micro_batch_capacity()} the routers had room for: MaxVio_computation-batch "
-                          f"is not reported for it; room is now made for {most} (call "
+        # micro-batches per router (a repeated MTP layer routes each one several times)
+        over = [-(-count // r.calls_per_micro_batch()) for r, count in zip(self.routers, seen)
+                if count > r.micro_batch_capacity()]
+        if over:
+            most = max(over)
+            warnings.warn(f"step {self.steps + 1} ran {most} micro-batches, more than the routers had room for: "
+                          f"MaxVio_computation-batch is not reported for it; room is now made for {most} (call "
                           f"BiasBalancer.reserve_micro_batches before the first step)", RuntimeWarning, stacklevel=3)
             self.reserve_micro_batches(most)
         return stacks

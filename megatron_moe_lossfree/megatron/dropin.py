@@ -23,7 +23,10 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 | cuda_graph_impl / cuda_graph_scope (0.16) /      | honoured: the router's training forward and backward are  |
 | cuda_graph_modules (0.19), every per-layer scope | capturable (no host reads, counts in static buffers); not |
 |                                                  | with the plugin's dropping (conflict)                     |
-| sinkhorn, moe_router_fusion, mtp_num_layers,     | refused by name                                           |
+| mtp_num_layers, mtp_loss_scaling_factor,         | honoured: Megatron builds the MTP layers from the decoder's|
+| mtp_use_repeated_layer (0.19)                    | last layer spec, so they carry the plugin's router; the   |
+|                                                  | balancer counts and moves their biases (specs.py)         |
+| sinkhorn, moe_router_fusion,                     | refused by name                                           |
 | full-iteration CUDA graphs, inference_optimized, |                                                           |
 | moe_expert_rank_capacity_factor                  |                                                           |
 
@@ -120,10 +123,6 @@ def refusals(config, lossfree: LossFreeConfig):
     if getattr(config, "moe_router_fusion", False):
         yield (f"{cli('moe_router_fusion')} (True) is not supported with the plugin's router (its selection adds "
                f"the plugin's bias, which the fused kernel does not see): drop {cli('moe_router_fusion')}")
-    if getattr(config, "mtp_num_layers", None):
-        yield (f"{cli('mtp_num_layers')} ({config.mtp_num_layers}) is not supported (Megatron builds MTP layers "
-               f"from its own spec, so their routers would bypass the plugin's bias, dropping and counts): "
-               f"train without MTP")
     if "full_iteration" in (_graph_scopes(config) or ()):
         where = (f"{cli('cuda_graph_impl')} (full_iteration)" if getattr(config, "cuda_graph_impl", "") == "full_iteration"
                  else f"{_graph_flag(config)} (full_iteration)")

@@ -101,6 +101,7 @@ class LossFreeRouter(TopKRouter):
     def reserve_micro_batches(self, capacity: int) -> None:
         """Room for ``capacity`` micro-batches per step in ``micro_batch_counts_ME`` (re-allocated only when
         larger: call outside a CUDA-graph capture, before the first captured step)."""
+        capacity *= self.calls_per_micro_batch()
         current = getattr(self, "micro_batch_counts_ME", None)
         if current is not None and current.shape[0] - 1 >= capacity:
             return
@@ -165,7 +166,20 @@ class LossFreeRouter(TopKRouter):
 
     # -- routing ------------------------------------------------------------------------------------
     def layer_name(self) -> str:
-        return f"layer {getattr(self, 'layer_number', '?')}"
+        mtp = compat.mtp_layer_index(self)
+        return f"MTP layer {mtp}" if mtp is not None else f"layer {getattr(self, 'layer_number', '?')}"
+
+    def metric_layer_number(self) -> int:
+        """1-based row of this router in the plugin's per-layer metrics: decoder layers 1..num_layers, then
+        the MTP layers (num_layers + k), in both releases' numbering."""
+        mtp = compat.mtp_layer_index(self)
+        return self.layer_number if mtp is None else self.config.num_layers + mtp
+
+    def calls_per_micro_batch(self) -> int:
+        """0.19's repeated MTP layer routes every micro-batch once per MTP depth (one module, N calls)."""
+        if getattr(self, "is_mtp_layer", False) and getattr(self.config, "mtp_use_repeated_layer", False):
+            return self.config.mtp_num_layers or 1
+        return 1
 
     def is_counting(self) -> bool:
         """Count loads only in a training forward with grad enabled: once per token per step (and not in

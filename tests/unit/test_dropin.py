@@ -32,9 +32,6 @@ REFUSED = {
     "fusion": (dict(moe_router_fusion=True), None,
                "--moe-router-fusion (True) is not supported with the plugin's router (its selection adds the "
                "plugin's bias, which the fused kernel does not see): drop --moe-router-fusion"),
-    "mtp": (dict(mtp_num_layers=1), None,
-            "--mtp-num-layers (1) is not supported (Megatron builds MTP layers from its own spec, so their routers "
-            "would bypass the plugin's bias, dropping and counts): train without MTP"),
     "full-iteration graph 0.16": (dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"), None,
                                   "--cuda-graph-scope (full_iteration) captures finalize_model_grads, where the "
                                   "plugin's once-per-step bias update reads its counts on the host: use per-layer "
@@ -84,7 +81,7 @@ def test_refusals_name_the_flag_the_value_and_the_fix(name):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(LossFreeConfigError) as info:
-        resolve_lossfree(megatron(moe_router_fusion=True, mtp_num_layers=2))
+        resolve_lossfree(megatron(moe_router_fusion=True, moe_router_load_balancing_type="sinkhorn"))
     assert str(info.value).count("; ") == 1 and "--moe-router-fusion" in str(info.value)
 
 
