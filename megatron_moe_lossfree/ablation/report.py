@@ -46,6 +46,44 @@ FLOORS: dict[str, tuple[str, str, str]] = {
 }
 
 
+MULTIPLES: dict[str, tuple[str, str]] = {
+    # key: (the FLOORS key it divides by, its label in the multiples column)
+    "maxvio_global_x_random": ("floor_random_global", "random"),
+    "maxvio_global_x_oracle": ("floor_oracle_global", "oracle"),
+}
+"""Each run's MaxVio_global as a multiple of its floors (issue 26): how far from each floor an arm sits."""
+
+
+def add_multiples(row: dict) -> dict:
+    """``row`` with the MULTIPLES keys: its MaxVio_global over each of its floors (None where one is missing)."""
+    value = _finite(row.get("maxvio_global"))
+    out = dict(row)
+    for key, (floor_key, _) in MULTIPLES.items():
+        floor = _finite(row.get(floor_key))
+        out[key] = value / floor if value is not None and floor else None
+    return out
+
+
+def format_multiples(spreads: dict) -> str:
+    """``24x / 61x``: the means of MaxVio_global over the random and the oracle floor, n/a where absent."""
+    return " / ".join(f"{spreads[key].mean:.0f}x" if spreads.get(key) is not None else "n/a" for key in MULTIPLES)
+
+
+def ratio_line(suite: Suite, results: dict[str, list[dict]]) -> Optional[str]:
+    """The suite's ``ratio`` line: MaxVio_global of one arm over another's, seed by seed, beside the paper."""
+    if suite.ratio is None:
+        return None
+    top, bottom, paper = suite.ratio
+
+    def by_seed(arm):
+        return {r["seed"]: _finite(r.get("maxvio_global")) for r in results.get(arm, []) if "seed" in r}
+
+    a, b = by_seed(top), by_seed(bottom)
+    ratios = [a[s] / b[s] for s in sorted(a.keys() & b.keys()) if a[s] is not None and b[s]]
+    ours = format_spread(spread(ratios), ".1f") + "x" if ratios else "n/a"
+    return f"- MaxVio_global of {top} / {bottom}, seed by seed: ours {ours}; paper {paper}"
+
+
 def _finite(value) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -265,8 +303,10 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
     missing arm: "not run"); the floor keys (FLOORS) are read from the same dicts.
     """
     floor_keys = suite_floors(suite)
+    results = {arm: [add_multiples(r) for r in rows] for arm, rows in results.items()}
+    multiples = "floor_random_global" in floor_keys
     spreads = {arm.name: {key: spread([r.get(key) for r in results.get(arm.name, [])])
-                          for key in [*METRICS, *FLOORS]} for arm in suite.arms}
+                          for key in [*METRICS, *FLOORS, *MULTIPLES]} for arm in suite.arms}
     seed_text = ", ".join(str(s) for s in seeds)
     lines = [f"## {suite.name}: {suite.title}", ""]
     if command:
@@ -291,6 +331,8 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
     lines += [f"- paper: {suite.source}", ""]
     ours = [METRICS[key][0] for key in suite.metrics]
     floor_labels = [FLOORS[key][0] for key in floor_keys]
+    if multiples:
+        floor_labels.append("MaxVio_global ÷ floor: " + " / ".join(label for _, label in MULTIPLES.values()))
     lines.append("| " + " | ".join(["arm", "flags", *suite.paper_columns, *ours, *floor_labels,
                                     "paired difference vs compared arm"]) + " |")
     lines.append("|" + "---|" * (2 + len(suite.paper_columns)) + "---:|" * (len(ours) + len(floor_labels)) + "---|")
@@ -300,10 +342,12 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
             cells = [format_spread(spreads[arm.name][key], METRICS[key][1], METRICS[key][2])
                      for key in suite.metrics]
             cells += [format_floor(spreads[arm.name][key], FLOORS[key][1]) for key in floor_keys]
+            if multiples:
+                cells.append(format_multiples(spreads[arm.name]))
             if len(done) < len(seeds):
                 cells[0] += f" (n={len(done)})"
         else:
-            cells = ["not run"] * (len(suite.metrics) + len(floor_keys))
+            cells = ["not run"] * (len(suite.metrics) + len(floor_labels))
         versus = arm.versus or suite.baseline
         if arm.name == versus:
             verdict = "baseline"
@@ -314,6 +358,9 @@ def format_paper_table(suite: Suite, scale: Scale, results: dict[str, list[dict]
                 for key in suite.compare)
         paper = list(arm.paper) + ["n/a"] * (len(suite.paper_columns) - len(arm.paper))
         lines.append("| " + " | ".join([arm.name, f"`{' '.join(arm.flags)}`", *paper, *cells, verdict]) + " |")
+    ratio = ratio_line(suite, results)
+    if ratio:
+        lines += ["", ratio]
     notes = list(suite.notes) + list(scale.notes)
     if notes:
         lines += ["", "Notes:"] + [f"- {note}" for note in notes]

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("logging and checkpoints")
     for name, default in [("log-interval", 10), ("eval-interval", 50), ("eval-iters", 4), ("save-interval", None)]:
         o.add_argument(f"--{name}", type=int, default=default)
+    o.add_argument("--final-eval-iters", type=int, default=None,
+                   help="global batches of the evaluation after the last step (default: --eval-iters); "
+                        "MaxVio_global and the ablations' floors are read off it, so it wants more tokens "
+                        "than the periodic evaluations")
     o.add_argument("--save", default=None)
     o.add_argument("--load", default=None)
     o.add_argument("--exit-on-missing-checkpoint", action="store_true",
@@ -167,6 +171,9 @@ def _violations(a: argparse.Namespace):
                f"shorten the warmup or train longer")
     if a.eval_iters < 0:
         yield f"--eval-iters ({a.eval_iters}) must be >= 0 (0 skips evaluation)"
+    if a.final_eval_iters is not None and a.final_eval_iters < 1 and a.eval_iters > 0:
+        yield (f"--final-eval-iters ({a.final_eval_iters}) must be >= 1: leave it unset for --eval-iters "
+               f"({a.eval_iters}), or pass --eval-iters 0 to skip evaluation")
     if a.moe_router_score_function not in ("sigmoid", "softmax"):
         yield f"--moe-router-score-function ({a.moe_router_score_function}) must be sigmoid or softmax"
     if a.moe_token_dispatcher_type not in ("alltoall", "allgather"):

@@ -5,8 +5,11 @@
   (``vocab_size``, ``eod``, ``pad``) plus ``tokenize``/``detokenize``.
 - ``prepare_indexed_dataset``: text/jsonl files -> ``PREFIX.bin``/``PREFIX.idx`` via Megatron-Core's
   ``IndexedDatasetBuilder`` (one document per file or per jsonl line, EOD appended).
-- ``embedded_corpus``: the default corpus every machine has, the Python standard library's own sources
-  (and its docs, ``pydoc_data/topics.py``), prepared once and cached.
+- ``embedded_corpus_documents``: the default corpus every machine has, the Python standard library's own
+  sources and its docs (``pydoc_data``'s topics), cut into blocks of lines and shuffled with a fixed seed so
+  that Megatron's contiguous train/valid/test document ranges are random samples of one mixture of code
+  and prose (version 2; version 1 kept the files in sorted order, so its validation split was mostly
+  prose the training split never held). Prepared once and cached under a key that names the version.
 - ``build_gpt_datasets``: train/valid/test GPTDatasets from ``--data-path`` prefixes (Megatron-LM syntax:
   ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2``) through ``BlendedMegatronDatasetBuilder``.
 """
@@ -25,7 +28,13 @@ import torch
 from megatron_moe_lossfree.errors import LossFreeConfigError
 
 EOD_TOKEN = "<|endoftext|>"
-EMBEDDED_CORPUS_VERSION = "stdlib-v1"
+EMBEDDED_CORPUS_VERSION = "stdlib-v2"
+"""Part of the cache key: a corpus built by another version is never read (v1: whole files, sorted)."""
+EMBEDDED_BLOCK_CHARS = 2048
+"""Version 2 cuts every document into blocks of whole lines of at most this many characters (a longer
+line is a block of its own): about 2,700 documents, so a 2% validation split holds about 54 of them."""
+EMBEDDED_SHUFFLE_SEED = 0
+"""Version 2's document order: ``random.Random(EMBEDDED_SHUFFLE_SEED).shuffle`` of the blocks."""
 
 
 class Tokenizer:
@@ -69,8 +78,11 @@ class Tokenizer:
         return self._tok.decode(list(ids))
 
 
-def train_tokenizer(files: Sequence[str], vocab_size: int, out_path: str) -> Tokenizer:
-    """Train a byte-level BPE on ``files`` and write it to ``out_path`` (tokenizer.json)."""
+def train_tokenizer(files: Sequence[str], vocab_size: int, out_path: str,
+                    documents: Optional[Sequence[str]] = None) -> Tokenizer:
+    """Train a byte-level BPE on ``files`` (or on the texts ``documents``) and write it to ``out_path``.
+
+    256 byte symbols plus the EOD token make the smallest vocabulary, 257 (byte-level, no merges)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -79,7 +91,7 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_path: str) -> Tok
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = (text for _, text in _read_documents(files))
+    texts = documents if documents is not None else (text for _, text in _read_documents(files))
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tok.save(out_path)
@@ -108,15 +120,17 @@ def _read_documents(files: Sequence[str], jsonl_key: str = "text") -> Iterator[t
 
 
 def prepare_indexed_dataset(files: Sequence[str], tokenizer: Tokenizer, output_prefix: str,
-                            jsonl_key: str = "text", batch: int = 256) -> int:
-    """Tokenize ``files`` into a Megatron indexed dataset at ``output_prefix``; returns the token count."""
+                            jsonl_key: str = "text", batch: int = 256,
+                            documents: Optional[Sequence[str]] = None) -> int:
+    """Tokenize ``files`` (or the texts ``documents``, in their order) into a Megatron indexed dataset at
+    ``output_prefix``; returns the token count."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=dtype)
     total = 0
-    docs = [text for _, text in _read_documents(files, jsonl_key)]
+    docs = list(documents) if documents is not None else [text for _, text in _read_documents(files, jsonl_key)]
     for start in range(0, len(docs), batch):
         for ids in tokenizer.tokenize_batch(docs[start:start + batch]):
             ids = ids + [tokenizer.eod]
@@ -124,6 +138,32 @@ def prepare_indexed_dataset(files: Sequence[str], tokenizer: Tokenizer, output_p
             total += len(ids)
     builder.finalize(output_prefix + ".idx")
     return total
+
+
+def cut_document(text: str, max_chars: int) -> list[str]:
+    """``text`` as consecutive blocks of whole lines, each at most ``max_chars`` long unless one line is
+    longer (then that line is a block). Joined, the blocks are ``text`` again."""
+    blocks, current, size = [], [], 0
+    for line in text.splitlines(keepends=True):
+        if current and size + len(line) > max_chars:
+            blocks.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        blocks.append("".join(current))
+    return blocks
+
+
+def shuffle_and_cut(documents: Sequence[str], *, seed: Optional[int], max_chars: Optional[int]) -> list[str]:
+    """``mlf-prepare-data``'s --max-doc-chars then --shuffle-seed: cut each document into blocks of
+    whole lines, then shuffle the documents with ``random.Random(seed)`` (None: keep the order)."""
+    import random
+
+    docs = [b for d in documents for b in cut_document(d, max_chars)] if max_chars else list(documents)
+    if seed is not None:
+        random.Random(seed).shuffle(docs)
+    return docs
 
 
 def embedded_corpus_files() -> list[str]:
@@ -136,21 +176,59 @@ def embedded_corpus_files() -> list[str]:
     return files
 
 
+def embedded_corpus_documents() -> list[str]:
+    """Version 2 of the embedded corpus, in its document order.
+
+    The sources are the standard library's top-level modules (code) and the text of pydoc's topics (the
+    language reference's prose, read as the ``topics`` dict rather than as the module that holds it);
+    each is cut into blocks of at most ``EMBEDDED_BLOCK_CHARS`` and all blocks are shuffled with
+    ``EMBEDDED_SHUFFLE_SEED``. Megatron's split takes contiguous document ranges, so each split is then a
+    random sample of the same blocks (tests/unit/test_data.py states the distribution test).
+    """
+    texts = []
+    for path in embedded_corpus_files():
+        text = pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
+        if path.endswith(os.path.join("pydoc_data", "topics.py")):
+            texts += _pydoc_topics(text)
+        else:
+            texts.append(text)
+    return shuffle_and_cut(texts, seed=EMBEDDED_SHUFFLE_SEED, max_chars=EMBEDDED_BLOCK_CHARS)
+
+
+def _pydoc_topics(source: str) -> list[str]:
+    """The topic texts of ``pydoc_data/topics.py`` (a module assigning one dict literal), in key order."""
+    import ast
+
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "topics":
+            topics = ast.literal_eval(node.value)
+            return [topics[key] for key in sorted(topics)]
+    return [source]
+
+
 def embedded_dataset(cache_dir: str, vocab_size: int) -> tuple[str, str]:
     """(data prefix, tokenizer path) of the embedded corpus, built once under ``cache_dir``.
 
-    Only global rank 0 builds; the caller holds the others at a barrier.
+    The cache key names the corpus version, block size, seed and vocabulary, so a corpus built otherwise
+    is never read. Only global rank 0 builds; the caller holds the others at a barrier.
     """
-    root = os.path.join(cache_dir, f"{EMBEDDED_CORPUS_VERSION}-v{vocab_size}")
+    key = f"{EMBEDDED_CORPUS_VERSION}-b{EMBEDDED_BLOCK_CHARS}-s{EMBEDDED_SHUFFLE_SEED}-v{vocab_size}"
+    root = os.path.join(cache_dir, key)
     tokenizer_path = os.path.join(root, "tokenizer.json")
     prefix = os.path.join(root, "stdlib_text_document")
     if os.path.exists(prefix + ".idx") and os.path.exists(tokenizer_path):
         return prefix, tokenizer_path
     os.makedirs(root, exist_ok=True)
-    files = embedded_corpus_files()
-    tokenizer = train_tokenizer(files, vocab_size, tokenizer_path + ".tmp")
-    prepare_indexed_dataset(files, tokenizer, prefix)
-    os.replace(tokenizer_path + ".tmp", tokenizer_path)  # last: its presence marks a finished build
+    import fcntl
+
+    # Several jobs on one machine (two ablation streams) may start together: one builds, the others wait.
+    with open(os.path.join(root, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(tokenizer_path):
+            docs = embedded_corpus_documents()
+            tokenizer = train_tokenizer([], vocab_size, tokenizer_path + ".tmp", documents=docs)
+            prepare_indexed_dataset([], tokenizer, prefix, documents=docs)
+            os.replace(tokenizer_path + ".tmp", tokenizer_path)  # last: its presence marks a finished build
     return prefix, tokenizer_path
 
 
@@ -231,17 +309,22 @@ def check_split(prefixes: list[str], split: str) -> None:
     if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0:
         raise LossFreeConfigError(f"--split ({split}) must be three non-negative weights train,valid,test "
                                   f"with train > 0, e.g. 98,2,0")
-    total = sum(weights)
     for prefix in prefixes:
         num_docs = len(IndexedDataset(prefix, mmap=True))
-        bounds = [0.0]
-        for w in weights:
-            bounds.append(bounds[-1] + w / total)
-        for name, w, lo, hi in zip(("train", "valid", "test"), weights, bounds, bounds[1:]):
-            if w > 0 and int(round(hi * num_docs)) - int(round(lo * num_docs)) < 1:
+        for name, w, (lo, hi) in zip(("train", "valid", "test"), weights, split_document_ranges(num_docs, weights)):
+            if w > 0 and hi - lo < 1:
                 raise LossFreeConfigError(
                     f"--split ({split}) gives the {name} split no document of {prefix} ({num_docs} documents): "
                     f"raise its share or set it to 0")
+
+
+def split_document_ranges(num_docs: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """[lo, hi) document ranges of train, valid, test: Megatron's rule (``round`` of the cumulative
+    normalised weights times the document count, blended_megatron_dataset_builder)."""
+    total, bounds = sum(weights), [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w / total)
+    return [(int(round(lo * num_docs)), int(round(hi * num_docs))) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def iterate_micro_batches(dataset, *, start_step: int, global_batch_size: int, micro_batch_size: int,

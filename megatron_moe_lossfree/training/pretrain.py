@@ -94,6 +94,9 @@ class Trainer:
     history: list = field(default_factory=list)
     mtp_losses: Optional[list] = None
     """Megatron's MTP loss of each depth at the last step (the last pipeline stage; None without MTP)."""
+    final_valid_data: object = None
+    """The final evaluation's micro-batches: the validation split from its first sample (so its tokens are
+    distinct while they fit one epoch of the split, and the same after any resume)."""
     drop_carry: tuple = (0, 0)
     """(dropped, assigned) of the current log window taken out of the layers by a checkpoint save, or
     loaded from one: the next logged drop fraction covers the whole window (metrics_log.drop_window)."""
@@ -162,13 +165,16 @@ class Trainer:
         self.step += 1
         return loss
 
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self, iters: Optional[int] = None, data=None) -> Optional[float]:
+        """Mean validation loss over ``iters`` global batches (default ``--eval-iters``) of ``data``
+        (default: the periodic evaluations' stream)."""
         from megatron_moe_lossfree.training.metrics_log import reset_eval_counts
 
         reset_eval_counts(self)
         self.model.eval()
         with torch.no_grad():
-            losses = [self.run_schedule(self.valid_data, forward_only=True) for _ in range(self.args.eval_iters)]
+            losses = [self.run_schedule(self.valid_data if data is None else data, forward_only=True)
+                      for _ in range(self.args.eval_iters if iters is None else iters)]
         self.model.train()
         if losses and losses[0] is not None:
             return sum(losses) / len(losses)
@@ -216,7 +222,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     # Megatron's builder writes its index cache on rank 0 first, then the other ranks read it.
     train_ds, valid_ds, _ = data_mod.build_gpt_datasets(
         prefixes, weights, tokenizer, seq_length=args.seq_length, seed=args.seed, split=args.split,
-        num_samples=[args.train_iters * gb, max(1, evals * args.eval_iters * gb), None],
+        num_samples=[args.train_iters * gb, max(1, (evals * args.eval_iters + final_eval_iters(args)) * gb), None],
         cache_dir=os.path.join(os.path.expanduser(args.data_cache_dir), "index-cache"))
     if valid_ds is None and args.eval_iters > 0:
         raise LossFreeConfigError(f"--split ({args.split}) leaves no validation data: give the valid "
@@ -257,10 +263,12 @@ def setup(args: argparse.Namespace) -> Trainer:
     evals_done = step // args.eval_interval if args.eval_interval else 0
     valid_data = (data_mod.iterate_micro_batches(valid_ds, start_step=evals_done * args.eval_iters, **batches)
                   if valid_ds else None)
+    final_valid_data = data_mod.iterate_micro_batches(valid_ds, start_step=0, **batches) if valid_ds else None
     logger = RunLogger(args.out, enabled=_is_logging_rank(), total_steps=args.train_iters, start_step=step,
                        tensorboard_dir=args.tensorboard_dir, progress=not args.no_progress)
     return Trainer(args=args, config=config, model=model, optimizer=optimizer, scheduler=scheduler,
-                   train_data=train_data, valid_data=valid_data, balancer=balancer, logger=logger, step=step,
+                   train_data=train_data, valid_data=valid_data, final_valid_data=final_valid_data,
+                   balancer=balancer, logger=logger, step=step,
                    drop_carry=drop_carry)
 
 
@@ -337,7 +345,8 @@ def train(trainer: Trainer) -> dict:
             final = trainer.step == a.train_iters
             if final:
                 record_valid_routing(trainer)  # the ablations' oracle floor reads the final evaluation
-            val = trainer.evaluate()
+            val = (trainer.evaluate(final_eval_iters(a), trainer.final_valid_data) if final
+                   else trainer.evaluate())
             balance = eval_metrics(trainer)
             if final:
                 write_valid_routing(trainer)
@@ -356,6 +365,12 @@ def train(trainer: Trainer) -> dict:
         save_checkpoint(a.save, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
                         plugin_state(trainer))
     return summary
+
+
+def final_eval_iters(args: argparse.Namespace) -> int:
+    """Global batches of the evaluation after the last step: ``--final-eval-iters``, else ``--eval-iters``."""
+    final = getattr(args, "final_eval_iters", None)
+    return args.eval_iters if final is None else final
 
 
 def write_valid_routing(trainer: Trainer) -> None:

@@ -300,12 +300,12 @@ def test_paper_table_exact_markdown():
 - floors: random = the MaxVio of a router choosing K experts uniformly at random over the same tokens (seeded Monte-Carlo, ablation/floors.py); oracle = the best single bias solved on the final evaluation's own scores (valid_routing.pt; n/a for a run without one)
 - paper: LFB Table 9
 
-| arm | flags | paper 1B: PPL / MaxVio_global | val PPL | MaxVio_global | drop % (last 10%) | MaxVio_global floor: random | MaxVio_global floor: oracle | paired difference vs compared arm |
-|---|---|---|---:|---:|---:|---:|---:|---|
-| aux | `--lossfree-balancing none` | 9.56 / 0.72 | 410.00 [400.00, 420.00] | 1.200 [1.000, 1.400] | 0.00 [0.00, 0.00] | 0.037 | 0.000 | baseline |
-| bias | `--lossfree-balancing bias` | 9.50 / 0.04 | 405.00 [395.00, 415.00] | 0.200 [0.100, 0.300] | 0.00 [0.00, 0.00] | 0.037 | 0.001 [0.000, 0.002] | vs aux: val PPL -5.00 [-25.00, +5.00] ≈; MaxVio_global -1.000 [-1.100, -0.800] lower |
-| mbs | `--micro-batch-size 2` | n/a | 305.00 [300.00, 310.00] (n=2) | 0.600 [0.500, 0.700] | 37.50 [25.00, 50.00] | 0.037 | n/a | vs bias: val PPL -105.00 [-105.00, -105.00] lower; MaxVio_global +0.450 [+0.400, +0.500] higher |
-| missing | `--seed 9` | n/a | not run | not run | not run | not run | not run | vs aux: val PPL n/a; MaxVio_global n/a |
+| arm | flags | paper 1B: PPL / MaxVio_global | val PPL | MaxVio_global | drop % (last 10%) | MaxVio_global floor: random | MaxVio_global floor: oracle | MaxVio_global ÷ floor: random / oracle | paired difference vs compared arm |
+|---|---|---|---:|---:|---:|---:|---:|---:|---|
+| aux | `--lossfree-balancing none` | 9.56 / 0.72 | 410.00 [400.00, 420.00] | 1.200 [1.000, 1.400] | 0.00 [0.00, 0.00] | 0.037 | 0.000 | 32x / n/a | baseline |
+| bias | `--lossfree-balancing bias` | 9.50 / 0.04 | 405.00 [395.00, 415.00] | 0.200 [0.100, 0.300] | 0.00 [0.00, 0.00] | 0.037 | 0.001 [0.000, 0.002] | 5x / 200x | vs aux: val PPL -5.00 [-25.00, +5.00] ≈; MaxVio_global -1.000 [-1.100, -0.800] lower |
+| mbs | `--micro-batch-size 2` | n/a | 305.00 [300.00, 310.00] (n=2) | 0.600 [0.500, 0.700] | 37.50 [25.00, 50.00] | 0.037 | n/a | 16x / n/a | vs bias: val PPL -105.00 [-105.00, -105.00] lower; MaxVio_global +0.450 [+0.400, +0.500] higher |
+| missing | `--seed 9` | n/a | not run | not run | not run | not run | not run | not run | vs aux: val PPL n/a; MaxVio_global n/a |
 
 Notes:
 - a suite note.
@@ -314,11 +314,15 @@ Notes:
     one_seed = format_paper_table(synthetic_suite(), scale, {"aux": [m(1, 400.0, 1.2)], "bias": [m(1, 405.0, 0.1)]},
                                   steps=2, seeds=[1])
     assert "3 seed(s)" not in one_seed and ", n/a with one seed" in one_seed and "wall time" not in one_seed
-    assert "| 405.00 | 0.100 | 0.00 | 0.037 | n/a | vs aux: val PPL +5.00 n/a; MaxVio_global -1.100 n/a |" in one_seed
+    assert "| 405.00 | 0.100 | 0.00 | 0.037 | n/a | 3x / n/a | vs aux: val PPL +5.00 n/a; MaxVio_global -1.100 n/a |" in one_seed
     # Without seeds to pair, the range rule of judge() decides.
     unpaired = {k: [{key: v for key, v in r.items() if key != "seed"} for r in rows] for k, rows in results.items()}
     assert "vs aux: val PPL ≈; MaxVio_global lower |" in format_paper_table(
         synthetic_suite(), scale, unpaired, steps=200, seeds=[1, 2, 3])
+    # A suite with a ratio line: MaxVio_global of one arm over another's, seed by seed, beside the paper.
+    ratio = dataclasses.replace(synthetic_suite(), ratio=("aux", "bias", "18x"))
+    assert "\n- MaxVio_global of aux / bias, seed by seed: ours 7.2 [4.7, 12.0]x; paper 18x\n" in format_paper_table(
+        ratio, scale, results, steps=200, seeds=[1, 2, 3])
 
 
 def test_format_wall_and_tail_gain():
@@ -335,7 +339,7 @@ def test_format_wall_and_tail_gain():
 
 def test_floor_tokens_of_each_maxvio():
     small = parse_args(runner.plan(get_suite("lfb-main", SCALES["small"]), SCALES["small"], "o", seeds=[1])[0].flags)
-    assert floor_tokens(small) == {"batch": 32 * 128, "compute": 32 * 128, "global": 4 * 32 * 128}
+    assert floor_tokens(small) == {"batch": 32 * 128, "compute": 32 * 128, "global": 64 * 32 * 128}  # final eval
     drop = get_suite("v2-drop", TINY)
     ep2 = parse_args(runner.plan(drop, TINY, "o", seeds=[1])[0].flags)
     assert floor_tokens(ep2) == {"batch": 16 * 128, "compute": 8 * 128 * 2, "global": 4 * 16 * 128}

@@ -127,3 +127,19 @@ def test_a_dump_of_another_format_is_refused(tmp_path):
     write_dump(str(tmp_path), layers=[2])
     with pytest.raises(LossFreeConfigError, match=r"has 2 score tables but 1 layers, 2 biases and 2 count rows"):
         load_valid_routing(str(tmp_path))
+
+
+def test_small_scale_final_evaluation_puts_the_random_floor_under_one_percent():
+    """Issue 26: MaxVio_global is read off the final evaluation, whose random-router floor at the small
+    scale (16 experts top-2, 64 x 4,096 tokens) is at most 0.01; the periodic ones keep --eval-iters."""
+    from megatron_moe_lossfree.ablation import runner, suites
+    from megatron_moe_lossfree.training.arguments import parse_args
+
+    scale = suites.get_scale("small")
+    arm = suites.get_suite("lfb-main", scale).arms[0]
+    args = parse_args(runner.config_flags(scale, arm, 1, steps=None, extra=()))
+    tokens = floors.floor_tokens(args)
+    assert (args.eval_iters, args.final_eval_iters, tokens["global"]) == (4, 64, 262144)
+    assert floors.random_floor(args.num_experts, args.moe_router_topk, tokens["global"]) <= 0.01
+    args.final_eval_iters = None  # a run made before the flag: its evaluations all read --eval-iters
+    assert floors.floor_tokens(args)["global"] == 4 * 32 * 128
