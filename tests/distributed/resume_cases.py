@@ -17,9 +17,7 @@ The flags make the resumed part depend on each piece of restored state:
   restarted its step or data position would drop other tokens and change counts and loss;
 - the drop fraction is logged at steps 1, 3 and 4 only, so the window of step 3 spans the save at step 2:
   the resumed job's must include step 2's drops, carried in the checkpoint (``plugin_state``);
-- Adam, the learning-rate schedule and the data position come back through Megatron's own state;
-- at PP 2 an MTP layer sits on the last stage: its MoE router's bias and counts must resume like the
-  decoder's (layer key 5 = num_layers + 1).
+- Adam, the learning-rate schedule and the data position come back through Megatron's own state.
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ COMMON = ["--train-iters", str(STEPS), "--lossfree-rate-schedule", "v3",
           "--lossfree-capacity-factor", "1.0", "--lossfree-exempt-fraction", "0.25"]
 RESUME_LAYOUTS = {
     "ep2_device_drop": ["--expert-model-parallel-size", "2", "--lossfree-drop", "device"],
-    # with an MTP layer (on the last stage): its router's bias, counts and drops resume too
-    "pp2_expert_drop": ["--pipeline-model-parallel-size", "2", "--lossfree-drop", "expert", "--mtp-num-layers", "1"],
+    "pp2_expert_drop": ["--pipeline-model-parallel-size", "2", "--lossfree-drop", "expert"],
 }
 
 
