@@ -12,7 +12,10 @@ Stages, each a subprocess with its own timeout; the total stays under 8 minutes,
 times out is reported while the next one runs:
 
   card          the GPU: name, memory, compute capability, NVIDIA driver, CUDA, torch, TE, megatron-core
-  gpu-tests     pytest -m "gpu or fp8" tests/gpu (the fused Triton router on CUDA and its CUDA-graph capture among them)
+  gpu-tests     pytest -m "gpu or fp8" tests/gpu (all but the next stage's file; the fused Triton router on CUDA among them)
+  router-graph  tests/gpu/test_cuda_graph_router.py: the router captured in a CUDA graph (forward and
+                backward), replayed over micro-batches; outputs, gradients, counts, bias updates and
+                MaxVio_computation-batch against eager, one line each
   train-bf16    50 steps of mlf-pretrain with the plugin (bias balancing), bf16, TE spec (grouped GEMMs)
   train-bf16-native  the same 50 steps with Megatron-Core's own router and expert bias (the plugin off);
                 the summary gives the plugin's tokens/s over this one's
@@ -62,6 +65,10 @@ TRAIN_ARGS = [
     "--eval-iters", "2", "--bf16", "--no-progress",
 ]
 
+# The router captured in a torch.cuda.CUDAGraph (fwd + bwd) and replayed against eager (its own stage: it
+# prints one line per compared quantity).
+ROUTER_GRAPH_TEST = "tests/gpu/test_cuda_graph_router.py"
+
 # The same run with Megatron-Core's own router and its built-in expert-bias update (the plugin off): the
 # baseline of the plugin's tokens/s.
 NATIVE_ARGS = ["--megatron-router", "--moe-router-enable-expert-bias", "--lossfree-balancing", "none"]
@@ -85,7 +92,9 @@ def plan(python: str, *, have_te: bool) -> list[Stage]:
     te = ("--transformer-impl", "transformer_engine") if have_te else ("--transformer-impl", "local")
     return [
         Stage("card", (python, "benchmarks/gpu_check.py", "--card"), 45),
-        Stage("gpu-tests", (python, "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu"), 90),
+        Stage("gpu-tests", (python, "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu",
+                            f"--ignore={ROUTER_GRAPH_TEST}"), 70),
+        Stage("router-graph", (python, "-m", "pytest", "-q", "-rs", "-s", "-m", "gpu", ROUTER_GRAPH_TEST), 25),
         Stage("train-bf16", (*pretrain, *te, "--out", f"{OUT}/train-bf16"), 75, out_dir=f"{OUT}/train-bf16"),
         Stage("train-bf16-native", (*pretrain, *te, *NATIVE_ARGS, "--out", f"{OUT}/train-bf16-native"), 75,
               out_dir=f"{OUT}/train-bf16-native"),
@@ -182,7 +191,7 @@ def figures(stage: Stage, lines: list[str]) -> str:
         card = dict(line.split(": ", 1) for line in lines if ": " in line)
         keys = ("memory", "compute capability", "NVIDIA driver", "CUDA (torch build)", "Transformer Engine")
         return ", ".join(f"{k} {card[k]}" for k in keys if k in card)
-    if stage.name == "gpu-tests":
+    if stage.name in ("gpu-tests", "router-graph"):
         summary = [line for line in lines if re.search(r"\d+ (passed|failed|skipped|error|deselected)", line)]
         return summary[-1].strip("= ") if summary else ""
     if stage.out_dir:

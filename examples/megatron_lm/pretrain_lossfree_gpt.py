@@ -133,6 +133,21 @@ def _cpu_shims() -> None:
     import megatron.training.training as training
 
     training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
+    _mtp_without_te()
+
+
+def _mtp_without_te() -> None:
+    """Megatron-LM main (d98e8a64) builds every MTP layer through ``is_inference_column_parallel_linear``,
+    an ``isinstance`` against TE-derived classes that are None without Transformer Engine (a TypeError, with
+    or without the plugin); without TE no such layer exists, so the answer is False."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return
+    import megatron.core.transformer.multi_token_prediction as mtp
+
+    if hasattr(mtp, "is_inference_column_parallel_linear"):
+        mtp.is_inference_column_parallel_linear = lambda module: False
 
 
 def prepare_process() -> None:

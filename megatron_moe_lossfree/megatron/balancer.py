@@ -42,6 +42,17 @@ def count_reduction_group(sequence_parallel: bool):
     return ps.get_data_parallel_group(with_context_parallel=True)
 
 
+def known_micro_batches(default: int = 8) -> int:
+    """Micro-batches per step from Megatron's calculator when a Megatron-LM run initialised it, else
+    ``default`` (the per-micro-batch count buffers grow at the first step that needs more)."""
+    try:
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        return max(int(get_num_microbatches()), default)
+    except (AttributeError, ImportError):  # no calculator outside Megatron-LM's training
+        return default
+
+
 class BiasInconsistencyError(RuntimeError):
     """Ranks that must hold the same bias disagree: names the layer and the ranks."""
 
@@ -97,6 +108,7 @@ class BiasBalancer:
         self.progress_source: Optional[Callable[[], tuple[int, int]]] = None
         self._progress_known = False
         self._bind_flat_buffers()
+        self.reserve_micro_batches(known_micro_batches())
 
     def _bind_flat_buffers(self) -> None:
         """Re-seat every router's counts (and non-finite flag) as views of ONE int64 buffer, and, when all
@@ -220,9 +232,10 @@ class BiasBalancer:
             else:
                 self.update_biases(counts, rate)
         self.last_bias_motion = self.measure_bias_motion(before)
-        # One host sync for the step: non-finite flags, token count, large-bias check.
+        # One host sync for the step: non-finite flags, token count, large-bias check, micro-batches seen.
         probe = [flags.sum(), counts[0].sum()] + ([over_bound] if over_bound is not None else [])
-        values = torch.stack(probe).tolist()  # all int64
+        values = torch.stack(probe + [r.micro_batch_index for r in self.routers]).tolist()  # all int64
+        values, seen = values[: len(probe)], values[len(probe):]
         if values[0]:  # summed over ranks: every rank raises, naming the same layer
             for router, flag in zip(self.routers, flags.tolist()):
                 router.nonfinite_logits.fill_(flag)
@@ -231,10 +244,7 @@ class BiasBalancer:
         self.tokens_seen += values[1] // self.topk
         if len(values) > 2 and values[2]:
             self.check_bias_bound(list(range(len(self.routers))), self.flat_bias)
-        self.last_micro_batch_counts = [torch.stack(r.micro_batch_counts) if r.micro_batch_counts else None
-                                        for r in self.routers]
-        for router in self.routers:
-            router.micro_batch_counts.clear()
+        self.last_micro_batch_counts = self.take_micro_batch_counts(seen)
         self.steps += 1
         every = self.lossfree.check_consistency
         if every and self.steps % every == 0:
@@ -257,6 +267,32 @@ class BiasBalancer:
         if self.flat_bias is not None:
             return (self.flat_bias - before[0]).abs().mean(dim=1).double()
         return torch.stack([(r.expert_bias - b).abs().mean() for r, b in zip(self.routers, before)]).double()
+
+    def reserve_micro_batches(self, capacity: int) -> None:
+        """Room for ``capacity`` micro-batches per step in every router's static per-micro-batch counts;
+        call before CUDA graphs are captured (a training loop knows its number of micro-batches)."""
+        for router in self.routers:
+            router.reserve_micro_batches(capacity)
+
+    def take_micro_batch_counts(self, seen: list[int]) -> list:
+        """Per router, its [M, E] micro-batch counts of this step (None when it saw none, or more than its
+        capacity: then the capacity grows for the next step, with a warning); the buffers are zeroed."""
+        stacks = []
+        for router, count in zip(self.routers, seen):
+            fits = 0 < count <= router.micro_batch_capacity()
+            stacks.append(router.micro_batch_counts_ME[:count].clone() if fits else None)
+            router.micro_batch_counts_ME.zero_()
+            router.micro_batch_index.zero_()
+        # micro-batches per router (a repeated MTP layer routes each one several times)
+        over = [-(-count // r.calls_per_micro_batch()) for r, count in zip(self.routers, seen)
+                if count > r.micro_batch_capacity()]
+        if over:
+            most = max(over)
+            warnings.warn(f"step {self.steps + 1} ran {most} micro-batches, more than the routers had room for: "
+                          f"MaxVio_computation-batch is not reported for it; room is now made for {most} (call "
+                          f"BiasBalancer.reserve_micro_batches before the first step)", RuntimeWarning, stacklevel=3)
+            self.reserve_micro_batches(most)
+        return stacks
 
     @torch.no_grad()
     def update_flat_bias(self, counts_LE: torch.Tensor, rate: float) -> torch.Tensor:

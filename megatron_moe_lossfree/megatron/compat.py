@@ -9,6 +9,9 @@
 | router gate arithmetic         | scores cast to the logits dtype, then normalised | normalised in fp32, cast at the end |
 | router selection values        | sigmoid / pre-softmax scores cast to the logits dtype | fp32 scores            |
 | plain top-K outside autograd   | sorted                                 | unsorted (``sorted=torch.is_grad_enabled()``) |
+| MTP loss tracker               | ``tracker["values"]``                  | ``tracker["loss_values"]``               |
+| MTP router                     | layer_number = num_layers + k          | ``is_mtp_layer``, layer_number = k       |
+| CUDA-graph flags               | ``cuda_graph_scope`` (``enable_cuda_graph`` deprecated) | ``cuda_graph_modules``, impl ``full_iteration`` |
 
 Other modules call these helpers instead of branching on the version themselves.
 """
@@ -170,3 +173,59 @@ def router_topk_sorted() -> bool:
     import torch
 
     return torch.is_grad_enabled() if megatron_core_version() >= Version("0.19") else True
+def is_graph_capturing() -> bool:
+    """Is a CUDA graph being captured on the current stream (False without CUDA)?"""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def is_graph_warmup() -> bool:
+    """Is this an eager warm-up run of a CUDA-graph capture (its outputs are thrown away)? Megatron's local
+    graphs flag their warm-ups (``is_graph_warmup``, 0.16 and 0.19); Transformer Engine's
+    ``make_graphed_callables`` warms up inside Megatron's capture window (``is_graph_capturing``) on a
+    stream that is not capturing. The router counts nothing in a warm-up; the capture itself records the
+    counting ops, so every replay counts."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.transformer import cuda_graphs
+
+    return cuda_graphs.is_graph_warmup() or (cuda_graphs.is_graph_capturing()
+                                             and not torch.cuda.is_current_stream_capturing())
+
+
+def mtp_layer_index(router) -> Optional[int]:
+    """The 1-based MTP layer of a router inside a multi-token-prediction layer, None for a decoder layer:
+    0.19 flags its MTP routers (``is_mtp_layer``) and numbers them 1, 2, ..; 0.16 numbers them after the
+    decoder (num_layers + 1, ..)."""
+    number = getattr(router, "layer_number", None)
+    if number is None:
+        return None
+    if getattr(router, "is_mtp_layer", False):
+        return number
+    num_layers = router.config.num_layers
+    return number - num_layers if number > num_layers and getattr(router.config, "mtp_num_layers", None) else None
+
+
+def take_mtp_losses(num_micro_batches: int) -> Optional[list]:
+    """The step's per-depth MTP losses from Megatron's ``MTPLossLoggingHelper`` tracker (as Megatron-LM
+    logs them: summed over micro-batches / their number, averaged over data-parallel ranks), then cleared
+    (also of its size: the tracker is process-global, and the next model may have another MTP depth);
+    None where this rank computed none (MTP off, or not the last pipeline stage)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    key = "values" if "values" in tracker else "loss_values"
+    if key not in tracker:
+        return None
+    values = tracker[key].detach().clone().float() / num_micro_batches
+    group = tracker.get("avg_group")
+    if group is not None and dist.get_world_size(group) > 1:  # gloo has no AVG: sum, then divide
+        dist.all_reduce(values, group=group)
+        values /= dist.get_world_size(group)
+    tracker.clear()  # Megatron re-creates its entries at the next MTP forward, sized for that model
+    return values.tolist()

@@ -30,8 +30,14 @@ same arguments, so all three act on one effective plugin config. It reads Megatr
 |                                                  | drop_fraction counts only the plugin's (``notes``, logged)|
 | moe_router_fusion                                | honoured: the plugin's Triton router (fused_routing.py);  |
 |                                                  | refused by name without Triton, or without CUDA           |
-| sinkhorn, mtp_num_layers,                        | refused by name                                           |
-| CUDA graphs over the router, inference_optimized |                                                           |
+| cuda_graph_impl / cuda_graph_scope (0.16) /      | honoured: the router's training forward and backward are  |
+| cuda_graph_modules (0.19), every per-layer scope | capturable (no host reads, counts in static buffers); not |
+|                                                  | with the plugin's dropping (conflict)                     |
+| mtp_num_layers, mtp_loss_scaling_factor,         | honoured: Megatron builds the MTP layers from the decoder's|
+| mtp_use_repeated_layer (0.19)                    | last layer spec, so they carry the plugin's router; the   |
+|                                                  | balancer counts and moves their biases (specs.py)         |
+| sinkhorn, full-iteration CUDA graphs,            | refused by name                                           |
+| inference_optimized                              |                                                           |
 | a router / MoE layer class in the spec that is   | refused by class and slot (``specs.py``)                  |
 | not Megatron's TopKRouter / MoELayer             |                                                           |
 
@@ -57,7 +63,7 @@ MEGATRON_ONLY = LossFreeConfig(balancing="none")
 
 MEGATRON_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 # CUDA-graph scopes that leave the router and the MoE preprocess outside the captured region.
-_GRAPH_SAFE_SCOPES = {"attn", "mamba"}
+_GRAPH_SAFE_SCOPES = {"attn", "mamba", "mlp"}
 
 
 def cli(field: str) -> str:
@@ -82,15 +88,35 @@ def megatron_loss_coeff(config, loss_type: str) -> float:
 
 
 def _graph_scopes(config) -> Optional[set]:
-    """The CUDA-graph scopes in force, or None when CUDA graphs are off (0.16 and 0.19 names)."""
+    """The CUDA-graph capture regions in force, or None when CUDA graphs are off: lower-case names of
+    0.16's ``cuda_graph_scope`` / 0.19's ``cuda_graph_modules`` (strings, comma lists or enums, before or
+    after ``__post_init__``), "full" for whole layers (Megatron's "full" or an empty list), and
+    "full_iteration" for a whole-iteration graph (0.16's scope, 0.19's ``cuda_graph_impl``)."""
     impl = getattr(config, "cuda_graph_impl", "none") or "none"
-    if impl == "none" and not getattr(config, "enable_cuda_graph", False):
+    if impl == "none" and not (getattr(config, "enable_cuda_graph", False)
+                               or getattr(config, "external_cuda_graph", False)):
         return None
+    if impl == "full_iteration":
+        return {"full_iteration"}
     scope = getattr(config, "cuda_graph_modules", None)
     if scope is None or scope == []:
-        scope = getattr(config, "cuda_graph_scope", "full")
+        scope = getattr(config, "cuda_graph_scope", None)
+    if isinstance(scope, str):
+        scope = scope.split(",")
     items = scope if isinstance(scope, (list, tuple)) else [scope]
-    return {str(getattr(s, "name", s)).lower() for s in items} or {"full"}
+    names = {str(getattr(s, "name", s)).strip().lower() for s in items if s is not None}
+    return (names - {""}) or {"full"}
+
+
+def _graph_flag(config) -> str:
+    return cli("cuda_graph_modules") if hasattr(config, "cuda_graph_modules") else cli("cuda_graph_scope")
+
+
+def graph_captures_router(config) -> bool:
+    """Does a CUDA graph capture the router's forward and backward? (the plugin's router is capturable:
+    tests/unit/test_graph_capture.py, tests/gpu/test_cuda_graph_router.py)"""
+    scopes = _graph_scopes(config)
+    return scopes is not None and not scopes <= _GRAPH_SAFE_SCOPES
 
 
 def refusals(config, lossfree: LossFreeConfig):
@@ -116,14 +142,12 @@ def refusals(config, lossfree: LossFreeConfig):
         if getattr(config, "moe_router_dtype", None) == "fp64":
             yield (f"{cli('moe_router_fusion')} (True) with {cli('moe_router_dtype')} (fp64): the fused router "
                    f"computes in fp32: use {cli('moe_router_dtype')} fp32 or drop {cli('moe_router_fusion')}")
-    if getattr(config, "mtp_num_layers", None):
-        yield (f"{cli('mtp_num_layers')} ({config.mtp_num_layers}) is not supported (Megatron builds MTP layers "
-               f"from its own spec, so their routers would bypass the plugin's bias, dropping and counts): "
-               f"train without MTP")
-    scopes = _graph_scopes(config)
-    if scopes is not None and not scopes <= _GRAPH_SAFE_SCOPES:
-        yield (f"--cuda-graph-scope ({', '.join(sorted(scopes))}) captures the router, whose load counting and "
-               f"dropping are not capturable (host syncs): use --cuda-graph-scope attn, or no CUDA graphs")
+    if "full_iteration" in (_graph_scopes(config) or ()):
+        where = (f"{cli('cuda_graph_impl')} (full_iteration)" if getattr(config, "cuda_graph_impl", "") == "full_iteration"
+                 else f"{_graph_flag(config)} (full_iteration)")
+        yield (f"{where} captures finalize_model_grads, where the plugin's once-per-step bias update reads its "
+               f"counts on the host: use per-layer graphs ({cli('cuda_graph_impl')} transformer_engine or local "
+               f"with {_graph_flag(config)} moe_router,moe_preprocess,attn)")
     if getattr(config, "transformer_impl", "local") == "inference_optimized":
         yield (f"{cli('transformer_impl')} (inference_optimized) is not supported: its dispatcher expects dense "
                f"[T, K] routing where the plugin returns Megatron's [T, E] map, use local or transformer_engine")
@@ -168,6 +192,10 @@ def log_note_once(note: str) -> None:
 
 def conflicts(config, lossfree: LossFreeConfig):
     """A Megatron flag and a ``--lossfree-*`` flag that set the same thing to different values."""
+    if lossfree.drop != "none" and graph_captures_router(config):
+        yield (f"{_graph_flag(config)} ({','.join(sorted(_graph_scopes(config)))}) captures the router and "
+               f"{flag('drop')} ({lossfree.drop}) drops inside it with per-micro-batch exempt flags a graph "
+               f"cannot replay: use {flag('drop')} none, or {_graph_flag(config)} attn")
     groups = getattr(config, "moe_router_group_topk", None)
     if groups and lossfree.route_limit != "none":
         yield (f"{cli('moe_router_num_groups')}/{cli('moe_router_group_topk')} "

@@ -79,14 +79,24 @@ class LossFreeRouter(TopKRouter):
         # Evaluation loads (MaxVio_global) are kept apart so that evaluation never moves the bias.
         self.register_buffer("eval_tokens_per_expert", torch.zeros(num_experts, dtype=torch.int64,
                                                                    device=device), persistent=False)
-        # Per micro-batch local counts of this step (MaxVio_computation-batch); cleared by the balancer.
-        self.micro_batch_counts: list[torch.Tensor] = []
+        # Per micro-batch local counts of this step (MaxVio_computation-batch), in static buffers so that a
+        # CUDA graph replays into the same memory: row i is micro-batch i, and the extra last row absorbs
+        # micro-batches beyond the capacity (the balancer then reports none for that step and grows it).
+        self.register_buffer("micro_batch_index", torch.zeros((), dtype=torch.int64, device=device),
+                             persistent=False)
+        self.reserve_micro_batches(1)
         # int64 so the balancer can fold it into the one count all-reduce of the step
         self.register_buffer("nonfinite_logits", torch.zeros((), dtype=torch.int64, device=device),
                              persistent=False)
         # Set by the MoE layer (device-limited routing and the V2 losses need the EP layout).
         self.ep_size = 1
-        self.last_aux_losses: dict[str, torch.Tensor] = {}
+        # The plugin's balance losses of the last counting forward, copied into one static fp32 buffer
+        # (``last_aux_losses`` reads it): a per-call dict would be Python state a CUDA graph cannot replay.
+        self.register_buffer("balance_loss_values", torch.zeros(len(self.TRACKER_NAMES), dtype=torch.float32,
+                                                                device=device), persistent=False)
+        # True keeps ``last_selection`` (gates_TK, experts_TK) of each forward, for tests (an attribute
+        # assignment per call: off by default, so that the forward is capturable).
+        self.keep_selection = False
         # Set to a list by ``metrics_log.record_valid_routing``: evaluation forwards append their selection
         # values there (the ablations' best bias found; None, the default, records nothing).
         self.eval_record: Optional[list[torch.Tensor]] = None
@@ -105,6 +115,28 @@ class LossFreeRouter(TopKRouter):
             state = balancing.initial_rule_state(cfg.update_rule, (self.config.num_moe_experts,),
                                                  device=buffer_device(self.weight))
         self.register_buffer("lossfree_rule_state", state)
+
+    def reserve_micro_batches(self, capacity: int) -> None:
+        """Room for ``capacity`` micro-batches per step in ``micro_batch_counts_ME`` (re-allocated only when
+        larger: call outside a CUDA-graph capture, before the first captured step)."""
+        capacity *= self.calls_per_micro_batch()
+        current = getattr(self, "micro_batch_counts_ME", None)
+        if current is not None and current.shape[0] - 1 >= capacity:
+            return
+        self.register_buffer("micro_batch_counts_ME", torch.zeros(
+            capacity + 1, self.config.num_moe_experts, dtype=torch.int64, device=self.micro_batch_index.device),
+            persistent=False)
+
+    def micro_batch_capacity(self) -> int:
+        return self.micro_batch_counts_ME.shape[0] - 1
+
+    @property
+    def last_aux_losses(self) -> dict[str, torch.Tensor]:
+        """The plugin's balance losses (name -> 0-d fp32) of the last training forward with grad, for the
+        losses that are on (0 before the first one)."""
+        cfg = self.lossfree
+        on = [cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff, cfg.device_loss_coeff, cfg.comm_loss_coeff]
+        return {name: self.balance_loss_values[i] for i, name in enumerate(self.TRACKER_NAMES) if on[i]}
 
     # -- quantile rule state ------------------------------------------------------------------------
     def register_quantile_state(self) -> None:
@@ -142,7 +174,8 @@ class LossFreeRouter(TopKRouter):
     def _apply(self, fn, *args, **kwargs):
         """Float16Module casts every floating buffer; the bias must stay fp32 (REFERENCE section 9), and so
         must the quantile rule's fp32 solution sums."""
-        kept = {name: getattr(self, name, None) for name in ("expert_bias", "qb_solution_sum", "lossfree_rule_state")}
+        kept = {name: getattr(self, name, None)
+                for name in ("expert_bias", "qb_solution_sum", "lossfree_rule_state", "balance_loss_values")}
         module = super()._apply(fn, *args, **kwargs)
         for name, before in kept.items():
             after = getattr(self, name, None)
@@ -165,11 +198,25 @@ class LossFreeRouter(TopKRouter):
 
     # -- routing ------------------------------------------------------------------------------------
     def layer_name(self) -> str:
-        return f"layer {getattr(self, 'layer_number', '?')}"
+        mtp = compat.mtp_layer_index(self)
+        return f"MTP layer {mtp}" if mtp is not None else f"layer {getattr(self, 'layer_number', '?')}"
+
+    def metric_layer_number(self) -> int:
+        """1-based row of this router in the plugin's per-layer metrics: decoder layers 1..num_layers, then
+        the MTP layers (num_layers + k), in both releases' numbering."""
+        mtp = compat.mtp_layer_index(self)
+        return self.layer_number if mtp is None else self.config.num_layers + mtp
+
+    def calls_per_micro_batch(self) -> int:
+        """0.19's repeated MTP layer routes every micro-batch once per MTP depth (one module, N calls)."""
+        if getattr(self, "is_mtp_layer", False) and getattr(self.config, "mtp_use_repeated_layer", False):
+            return self.config.mtp_num_layers or 1
+        return 1
 
     def is_counting(self) -> bool:
-        """Count loads only in a training forward with grad enabled: once per token per step."""
-        return self.training and torch.is_grad_enabled()
+        """Count loads only in a training forward with grad enabled: once per token per step (and not in
+        the warm-up runs of a CUDA-graph capture, whose inputs are placeholders)."""
+        return self.training and torch.is_grad_enabled() and not compat.is_graph_warmup()
 
     def count_loads(self, experts_TK: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> None:
         """Pre-drop loads of the valid (non-padding) tokens: training counts drive the bias; evaluation
@@ -188,7 +235,10 @@ class LossFreeRouter(TopKRouter):
         with torch.no_grad():
             if self.training:
                 self.local_tokens_per_expert += counts_E
-                self.micro_batch_counts.append(counts_E)
+                # device-side row choice: no host read of the index (capturable)
+                row = self.micro_batch_index.clamp(max=self.micro_batch_capacity()).view(1)
+                self.micro_batch_counts_ME.index_add_(0, row, counts_E.view(1, -1))
+                self.micro_batch_index += 1
             else:
                 self.eval_tokens_per_expert += counts_E
 
@@ -364,11 +414,11 @@ class LossFreeRouter(TopKRouter):
         self.count_loads(experts_TK, valid_T)
         if self.eval_record is not None and not self.training:
             # the fp32 values a bias is added to (scores; logits for the quantile rule in logit space)
-            record_TE = select_TE if self.selects_on_logits() else scores_TE
-            self.eval_record.append((record_TE if valid_T is None else record_TE[valid_T]).detach().float().cpu())
+            self.record_eval(select_TE if self.selects_on_logits() else scores_TE, valid_T)
         gates_TK = self.megatron_gates(logits_TE, scores_TE, experts_TK)
         gates_TK = self.apply_balance_losses(gates_TK, scores_TE, experts_TK, num_sequences=batch, pad_T=pad_T)
-        self.last_selection = (gates_TK.detach(), experts_TK)
+        if self.keep_selection:
+            self.last_selection = (gates_TK.detach(), experts_TK)
         probs_TE = torch.zeros_like(logits_TE).scatter(1, experts_TK, gates_TK)
         routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, experts_TK, True)
         capacity = dropin.megatron_capacity(self.config)
@@ -379,6 +429,14 @@ class LossFreeRouter(TopKRouter):
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
         probs_TE = self.apply_megatron_losses(probs_TE, logits_TE, pad_T, seq_length, batch)
         return probs_TE, routing_map_TE
+
+    def record_eval(self, select_TE: torch.Tensor, valid_T: Optional[torch.Tensor]) -> None:
+        """Append an evaluation forward's selection values to ``eval_record`` (a host copy: evaluation
+        only, never inside a CUDA-graph capture)."""
+        if compat.is_graph_capturing():
+            raise RuntimeError(f"{self.layer_name()}: the evaluation record (metrics_log.record_valid_routing) "
+                               f"copies to the host and cannot run inside a CUDA-graph capture: evaluate eagerly")
+        self.eval_record.append((select_TE if valid_T is None else select_TE[valid_T]).detach().float().cpu())
 
     def apply_megatron_losses(self, probs_TE, logits_TE, pad_T, seq_length: int, batch: int):
         """Megatron's aux_loss / seq_aux_loss / global_aux_loss, by Megatron's own code (same scores on
@@ -410,7 +468,7 @@ class LossFreeRouter(TopKRouter):
         cfg = self.lossfree
         coeffs = {"aux_loss": cfg.aux_loss_coeff, "seq_aux_loss": cfg.seq_aux_loss_coeff,
                   "device_loss": cfg.device_loss_coeff, "comm_loss": cfg.comm_loss_coeff}
-        if not any(coeffs.values()) or not self.is_counting():
+        if not any(coeffs.values()) or not (self.training and torch.is_grad_enabled()):
             return gates_TK
         if pad_T is not None:
             on = [flag(f"{name}_coeff") for name, c in coeffs.items() if c]
@@ -442,9 +500,10 @@ class LossFreeRouter(TopKRouter):
             losses["comm_loss"] = balancing.comm_balance_loss(
                 scores_NE, experts_NK, alpha=cfg.comm_loss_coeff, num_devices=devices,
                 max_devices=max_devices, num_sequences=num_sequences)
+        names = list(self.TRACKER_NAMES)
         for name, loss in losses.items():
             gates_TK = self.attach_loss(gates_TK, coeffs[name], loss, name)
-            self.last_aux_losses[name] = loss.detach()
+            self.balance_loss_values[names.index(name)].copy_(loss.detach())
         return gates_TK
 
     def attach_loss(self, gates_TK, coeff: float, loss, name: str):

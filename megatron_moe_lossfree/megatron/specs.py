@@ -1,6 +1,7 @@
 """Layer specs: Megatron-Core's GPT decoder block spec with the plugin's router and MoE layer.
 
-From code: ``get_lossfree_block_spec(config, ...)`` (per-block, with dense first layers) or
+From code: ``get_lossfree_block_spec(config, ...)`` (per-block, with dense first layers),
+``get_lossfree_mtp_block_spec(config, block_spec)`` (Megatron's MTP block from it) or
 ``get_lossfree_layer_local_spec(...)`` (per-layer); a recipe's own layer specs: ``replace_in_layer_specs``,
 which refuses a MoE layer or router class that is not Megatron's (by class and slot). From Megatron-LM
 main, whose ``--spec`` function is called with a ``GPTModelConfig``:
@@ -84,3 +85,16 @@ def get_lossfree_layer_local_spec(num_experts: Optional[int] = None, moe_grouped
 
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, **kwargs)
     return replace_in_layer_specs([spec])[0]
+
+
+def get_lossfree_mtp_block_spec(config, block_spec, *, use_transformer_engine: bool = False,
+                                vp_stage: Optional[int] = None):
+    """Megatron's ``get_gpt_mtp_block_spec``: the MTP layers repeat the decoder block's last layer spec, so
+    with the plugin's block spec their MoE layers carry the plugin's router (0.16 and 0.19 alike). None
+    without ``mtp_num_layers``, and on pipeline stages other than the last (Megatron places MTP there)."""
+    if not getattr(config, "mtp_num_layers", None):
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    return get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_transformer_engine,
+                                  vp_stage=vp_stage)

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron-core >= 0.19: Megatron's random expert bias of this std on the router logits")
     g.add_argument("--moe-enable-routing-replay", action="store_true",
                    help="Megatron's RouterReplay on every router (record / replay the selection)")
+    g.add_argument("--mtp-num-layers", type=int, default=None,
+                   help="Megatron's multi-token prediction: MTP layers after the decoder (on the last pipeline "
+                        "stage); their MoE layers carry the plugin's router and balancer")
+    g.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1, help="Megatron's MTP loss weight")
+    g.add_argument("--mtp-use-repeated-layer", action="store_true",
+                   help="megatron-core >= 0.19: one MTP layer applied --mtp-num-layers times")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--transformer-impl", default="local", metavar="{local,transformer_engine}",
                    help="local: Megatron's local spec (CPU and GPU); transformer_engine: TE spec with grouped "

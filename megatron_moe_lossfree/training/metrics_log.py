@@ -20,21 +20,28 @@ import torch.distributed as dist
 from megatron_moe_lossfree import metrics
 
 
-def _by_layer(trainer, rows: torch.Tensor) -> list[list[float]]:
+def _by_layer(trainer, rows: torch.Tensor, *, with_mtp: bool = False):
     """Row i of ``rows`` [local routers, C] belongs to local router i. Returns the rows of every MoE layer
-    of the model, in global layer order: the pipeline stages' rows are assembled by ONE all-reduce (every
-    stage passes the same C) and read with ONE host sync."""
+    of the decoder, in global layer order (and, ``with_mtp``, those of the MTP layers apart): the pipeline
+    stages' rows are assembled by ONE all-reduce (every stage passes the same C) and read with ONE host
+    sync."""
     from megatron.core import parallel_state as ps
 
     routers = trainer.balancer.routers
     device = rows.device  # the model's device: NCCL reduces GPU tensors only
+    num_layers = trainer.config.num_layers
     present = torch.ones(len(routers), 1, dtype=torch.float64, device=device)
-    table = torch.zeros(trainer.config.num_layers, 1 + rows.shape[1], dtype=torch.float64, device=device)
-    table.index_copy_(0, torch.tensor([r.layer_number - 1 for r in routers], device=device),
+    table = torch.zeros(num_layers + (getattr(trainer.config, "mtp_num_layers", None) or 0), 1 + rows.shape[1],
+                        dtype=torch.float64, device=device)
+    table.index_copy_(0, torch.tensor([r.metric_layer_number() - 1 for r in routers], device=device),
                       torch.cat([present, rows.double()], dim=1))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(table, group=ps.get_pipeline_model_parallel_group())
-    return [row[1:] for row in table.tolist() if row[0] > 0]
+    values = table.tolist()
+    decoder = [row[1:] for row in values[:num_layers] if row[0] > 0]
+    if not with_mtp:
+        return decoder
+    return decoder, [row[1:] for row in values[num_layers:] if row[0] > 0]
 
 
 def _pp_max(value: torch.Tensor) -> torch.Tensor:
@@ -109,7 +116,17 @@ def step_metrics(trainer) -> dict:
         columns.append(_stack_or_pad([r.expert_bias.detach() for r in routers], width))
         columns.append(motion.view(-1, 1) if motion is not None
                        else torch.zeros(len(routers), 1, dtype=torch.float64, device=device))
-    layers = _by_layer(trainer, torch.cat(columns, dim=1))
+    layers, mtp_layers = _by_layer(trainer, torch.cat(columns, dim=1), with_mtp=True)
+    out = _layer_metrics(layers, width, has_bias) if layers else {}
+    if mtp_layers:  # the MTP layers' own keys: the decoder's means stay the decoder's
+        out.update({"mtp_" + key: value for key, value in _layer_metrics(mtp_layers, width, has_bias).items()})
+    out.update(aux_loss_metrics(trainer))
+    out.update(drop_metrics(trainer))
+    return out
+
+
+def _layer_metrics(layers: list, width: int, has_bias: bool) -> dict:
+    """The logged values of step_metrics' table rows (one row per layer)."""
     maxvio = [row[0] for row in layers]
     widths = [int(row[1]) for row in layers]
     compute = [row[2] for row in layers if row[2] >= 0]
@@ -125,8 +142,6 @@ def step_metrics(trainer) -> dict:
     if len(compute) == len(maxvio):
         out["maxvio_compute"] = sum(compute) / len(compute)
         out["maxvio_compute_layers"] = compute
-    out.update(aux_loss_metrics(trainer))
-    out.update(drop_metrics(trainer))
     return out
 
 
@@ -199,9 +214,11 @@ def drop_window(trainer) -> tuple[int, int]:
 def aux_loss_metrics(trainer) -> dict:
     """The balance losses of the last micro-batch, mean over this stage's layers (logged when on)."""
     losses: dict[str, list[torch.Tensor]] = {}
+    num_layers = trainer.config.num_layers
     for router in trainer.balancer.routers:
+        prefix = "mtp_" if router.metric_layer_number() > num_layers else ""  # MTP layers apart
         for name, value in router.last_aux_losses.items():
-            losses.setdefault(name, []).append(value.detach().reshape(()).double())
+            losses.setdefault(prefix + name, []).append(value.detach().reshape(()).double())
     if not losses:
         return {}
     means = torch.stack([torch.stack(v).mean() for v in losses.values()]).tolist()  # one host sync
@@ -223,8 +240,12 @@ def eval_metrics(trainer) -> dict:
     if balancer.group is not None and dist.get_world_size(balancer.group) > 1:
         dist.all_reduce(counts, group=balancer.group)
     rows = list(counts.split([r.eval_tokens_per_expert.numel() for r in balancer.routers]))
-    values = [row[0] for row in _by_layer(trainer, _batch_maxvio(rows).view(-1, 1))]
-    return {"maxvio_global": sum(values) / len(values), "maxvio_global_layers": values}
+    layers, mtp_layers = _by_layer(trainer, _batch_maxvio(rows).view(-1, 1), with_mtp=True)
+    out = {}
+    for prefix, values in (("", [row[0] for row in layers]), ("mtp_", [row[0] for row in mtp_layers])):
+        if values:
+            out.update({f"{prefix}maxvio_global": sum(values) / len(values), f"{prefix}maxvio_global_layers": values})
+    return out
 
 
 # ----------------------------------------------------------------------------- the best-bias search's dump
@@ -261,7 +282,7 @@ def collect_valid_routing(trainer, step: int) -> Optional[dict]:
         rows, router.eval_record = router.eval_record or [], None
         width = router.config.num_moe_experts
         bias = router.expert_bias
-        local[router.layer_number] = {
+        local[router.metric_layer_number()] = {  # MTP layers after the decoder's
             "scores": torch.cat(rows) if rows else torch.zeros(0, width),
             "counts": router.eval_tokens_per_expert.detach().cpu().clone(),
             "bias": None if bias is None else bias.detach().float().cpu().clone()}

@@ -36,7 +36,24 @@ def transformer_config_from_args(args: argparse.Namespace):
         recompute_method="uniform" if args.recompute_activations else None,
         recompute_num_layers=1 if args.recompute_activations else None,
         **fp8_config_fields(args.fp8_format, args.fp8_recipe),
+        **mtp_fields(args),
     )
+
+
+def mtp_fields(args: argparse.Namespace) -> dict:
+    """Megatron's multi-token prediction fields, only when asked (Megatron's defaults otherwise)."""
+    if not getattr(args, "mtp_num_layers", None):
+        return {}
+    fields = dict(mtp_num_layers=args.mtp_num_layers, mtp_loss_scaling_factor=args.mtp_loss_scaling_factor)
+    if getattr(args, "mtp_use_repeated_layer", False):
+        from megatron_moe_lossfree.errors import LossFreeConfigError
+        from megatron_moe_lossfree.megatron.compat import megatron_core_version
+
+        if megatron_core_version().release < (0, 19):
+            raise LossFreeConfigError(f"--mtp-use-repeated-layer needs megatron-core >= 0.19 (installed "
+                                      f"{megatron_core_version()}): drop it, or upgrade megatron-core")
+        fields["mtp_use_repeated_layer"] = True
+    return fields
 
 
 def megatron_router_fields(args: argparse.Namespace) -> dict:
@@ -76,11 +93,12 @@ def build_model(args: argparse.Namespace, config, vocab_size: int):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec
+    from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec, get_lossfree_mtp_block_spec
 
-    spec = get_lossfree_block_spec(config, use_plugin=not args.megatron_router,
-                                   use_transformer_engine=args.transformer_impl == "transformer_engine")
+    use_te = args.transformer_impl == "transformer_engine"
+    spec = get_lossfree_block_spec(config, use_plugin=not args.megatron_router, use_transformer_engine=use_te)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                     mtp_block_spec=get_lossfree_mtp_block_spec(config, spec, use_transformer_engine=use_te),
                      max_sequence_length=args.max_position_embeddings,
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                      position_embedding_type="rope", share_embeddings_and_output_weights=False)

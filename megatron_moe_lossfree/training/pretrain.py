@@ -93,6 +93,8 @@ class Trainer:
     logger: object
     step: int = 0
     history: list = field(default_factory=list)
+    mtp_losses: Optional[list] = None
+    """Megatron's MTP loss of each depth at the last step (the last pipeline stage; None without MTP)."""
     final_valid_data: object = None
     """The final evaluation's micro-batches: the validation split from its first sample (so its tokens are
     distinct while they fit one epoch of the split, and the same after any resume)."""
@@ -110,7 +112,9 @@ class Trainer:
                      for key, value in batch.items()}
         # V2 exempt sequences travel with this micro-batch, also into its recompute (exempt.py).
         scope = exempt.begin_micro_batch(model, batch["sample_ids"], step=self.step)
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+        # Megatron's MTP loss (inside GPTModel) takes the loss mask, as Megatron-LM's pretrain_gpt passes it.
+        mtp = {"loss_mask": batch["loss_mask"]} if self.config.mtp_num_layers else {}
+        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"], **mtp)
         output = scope.bind(output)
         loss_mask = batch["loss_mask"].float()
 
@@ -126,6 +130,8 @@ class Trainer:
 
         a = self.args
         num_micro = a.global_batch_size // (a.micro_batch_size * ps.get_data_parallel_world_size())
+        if self.balancer is not None and not forward_only:
+            self.balancer.reserve_micro_batches(num_micro)  # a no-op once the routers have room
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=data, model=[self.model],
             num_microbatches=num_micro, seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
@@ -147,6 +153,14 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self.run_schedule(self.train_data, forward_only=False)
+        if self.config.mtp_num_layers:
+            from megatron.core import parallel_state as ps
+
+            from megatron_moe_lossfree.megatron.compat import take_mtp_losses
+
+            a = self.args
+            self.mtp_losses = take_mtp_losses(a.global_batch_size // (a.micro_batch_size
+                                                                      * ps.get_data_parallel_world_size()))
         self.optimizer.step()
         self.scheduler.step(increment=self.args.global_batch_size)
         self.step += 1
@@ -337,6 +351,8 @@ def train(trainer: Trainer) -> dict:
         if trainer.step % a.log_interval == 0 or trainer.step == a.train_iters:
             elapsed = time.time() - window_start
             m = step_metrics(trainer)
+            if trainer.mtp_losses:
+                m.update(mtp_loss=sum(trainer.mtp_losses) / len(trainer.mtp_losses), mtp_loss_layers=trainer.mtp_losses)
             m.update(loss=loss if loss is not None else float("nan"),
                      lr=trainer.optimizer.param_groups[0]["lr"],
                      tokens_per_s=tokens_per_step * window_steps / max(elapsed, 1e-9))

@@ -101,10 +101,14 @@ def _run(trainer) -> tuple[list, list, dict]:
     maps = []
     hooks = [r.register_forward_hook(lambda module, args, out: maps.append(out[1].detach().clone()))
              for r in _routers(trainer)]
-    losses = [trainer.train_step() for _ in range(STEPS)]
+    losses, mtp_losses = [], []
+    for _ in range(STEPS):
+        losses.append(trainer.train_step())
+        mtp_losses.append(trainer.mtp_losses)  # Megatron's MTP losses (None without MTP / off the last stage)
     for hook in hooks:
         hook.remove()
     state = trainer.model.module.state_dict()
+    trainer.mtp_loss_history = mtp_losses
     return losses, maps, {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -151,6 +155,9 @@ def pair_case(workdir: str, name: str, flags: Sequence[str], initial_bias: bool 
         "bias_moved": any(bool(native_state[n].abs().sum() > 0) for n, _, _ in pairs),
         "bias_fixed": bool(start) and all(torch.equal(r.expert_bias, start[r.layer_number])
                                           for trainer in (native, plugin) for r in _routers(trainer)),
+        "mtp_bias_keys": [n for n, _, _ in pairs if n.startswith("mtp.")],
+        "mtp_bias_moved": all(bool(native_state[n].abs().sum() > 0) for n, _, _ in pairs if n.startswith("mtp.")),
+        "native_mtp_losses": native.mtp_loss_history, "plugin_mtp_losses": plugin.mtp_loss_history,
         "maps": len(native_maps),
         "maps_equal": len(native_maps) == len(plugin_maps)
         and all(torch.equal(a, b) for a, b in zip(native_maps, plugin_maps)),

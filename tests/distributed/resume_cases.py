@@ -54,8 +54,8 @@ def _run_steps(trainer, until: int) -> list:
         records.append(dict(
             step=trainer.step, loss=loss, tokens_seen=trainer.balancer.tokens_seen,
             drop_fraction=drop_metrics(trainer)["drop_fraction"] if trainer.step in LOG_DROPS_AT else None,
-            counts={r.layer_number: c.tolist() for r, c in zip(routers, trainer.balancer.last_counts)},
-            expert_bias={r.layer_number: r.expert_bias.tolist() for r in routers}))
+            counts={r.metric_layer_number(): c.tolist() for r, c in zip(routers, trainer.balancer.last_counts)},
+            expert_bias={r.metric_layer_number(): r.expert_bias.tolist() for r in routers}))
     return records
 
 

@@ -76,6 +76,7 @@ def _build_layer(ep: int, dispatcher: str, drop: str, **loss_coeffs):
         moe_router_dtype="fp32", moe_token_dispatcher_type=dispatcher, expert_model_parallel_size=ep)
     layer = build_mlp(get_lossfree_layer_local_spec(num_experts=E).submodules.mlp, config=config)
     layer.set_layer_number(1)
+    layer.router.keep_selection = True  # the test reads last_selection
     router_w, fc1, fc2 = _global_weights()
     with torch.no_grad():
         layer.router.weight.copy_(router_w)

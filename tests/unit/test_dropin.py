@@ -29,12 +29,21 @@ REFUSED = {
     "sinkhorn": (dict(moe_router_load_balancing_type="sinkhorn"), None,
                  "--moe-router-load-balancing-type (sinkhorn) is not supported by the plugin's router: use "
                  "--moe-router-enable-expert-bias or --lossfree-balancing bias (loss-free), or aux_loss"),
-    "mtp": (dict(mtp_num_layers=1), None,
-            "--mtp-num-layers (1) is not supported (Megatron builds MTP layers from its own spec, so their routers "
-            "would bypass the plugin's bias, dropping and counts): train without MTP"),
-    "cuda graphs": (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope=["attn", "moe_router"]), None,
-                    "--cuda-graph-scope (attn, moe_router) captures the router, whose load counting and dropping "
-                    "are not capturable (host syncs): use --cuda-graph-scope attn, or no CUDA graphs"),
+    "full-iteration graph 0.16": (dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"), None,
+                                  "--cuda-graph-scope (full_iteration) captures finalize_model_grads, where the "
+                                  "plugin's once-per-step bias update reads its counts on the host: use per-layer "
+                                  "graphs (--cuda-graph-impl transformer_engine or local with --cuda-graph-scope "
+                                  "moe_router,moe_preprocess,attn)"),
+    "full-iteration graph 0.19": (dict(cuda_graph_impl="full_iteration", cuda_graph_modules=[]), None,
+                                  "--cuda-graph-impl (full_iteration) captures finalize_model_grads, where the "
+                                  "plugin's once-per-step bias update reads its counts on the host: use per-layer "
+                                  "graphs (--cuda-graph-impl transformer_engine or local with --cuda-graph-modules "
+                                  "moe_router,moe_preprocess,attn)"),
+    "graph with plugin dropping": (dict(cuda_graph_impl="local", cuda_graph_scope="moe_router,moe_preprocess"),
+                                   LossFreeConfig(drop="expert", capacity_factor=1.5),
+                                   "--cuda-graph-scope (moe_preprocess,moe_router) captures the router and "
+                                   "--lossfree-drop (expert) drops inside it with per-micro-batch exempt flags a "
+                                   "graph cannot replay: use --lossfree-drop none, or --cuda-graph-scope attn"),
     "inference_optimized": (dict(transformer_impl="inference_optimized"), None,
                             "--transformer-impl (inference_optimized) is not supported: its dispatcher expects "
                             "dense [T, K] routing where the plugin returns Megatron's [T, E] map, use local or "
@@ -65,8 +74,8 @@ def test_refusals_name_the_flag_the_value_and_the_fix(name):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(LossFreeConfigError) as info:
-        resolve_lossfree(megatron(moe_router_load_balancing_type="sinkhorn", mtp_num_layers=2))
-    assert str(info.value).count("; ") == 1 and "--mtp-num-layers" in str(info.value)
+        resolve_lossfree(megatron(moe_router_load_balancing_type="sinkhorn", transformer_impl="inference_optimized"))
+    assert str(info.value).count("; ") == 1 and "--transformer-impl" in str(info.value)
 
 
 def test_router_fusion_is_refused_by_name_where_it_cannot_run(monkeypatch):
@@ -107,6 +116,35 @@ def test_graph_scope_outside_the_router_and_the_megatron_mappings_are_accepted()
     cfg = resolve_lossfree(megatron(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
                                     moe_aux_loss_coeff=[1e-2, 1e-3]), LossFreeConfig(device_loss_coeff=0.05))
     assert cfg.device_loss_coeff == 0.05
+
+
+GRAPH_SCOPES = {  # (config fields, regions dropin sees): both releases' spellings, before/after __post_init__
+    "0.16 enable_cuda_graph default scope": (dict(enable_cuda_graph=True, cuda_graph_impl="none",
+                                                  cuda_graph_scope="full"), {"full"}),
+    "0.16 TE router + preprocess": (dict(cuda_graph_impl="transformer_engine",
+                                         cuda_graph_scope="attn,moe_router,moe_preprocess"),
+                                    {"attn", "moe_router", "moe_preprocess"}),
+    "0.16 local whole layer (post-init [])": (dict(cuda_graph_impl="local", cuda_graph_scope=[]), {"full"}),
+    "0.16 moe scope": (dict(cuda_graph_impl="local", cuda_graph_scope=["moe"]), {"moe"}),
+    "0.19 modules enums": (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope=None,
+                                cuda_graph_modules=[types.SimpleNamespace(name="moe_router"),
+                                                    types.SimpleNamespace(name="moe_preprocess")]),
+                           {"moe_router", "moe_preprocess"}),
+    "0.19 whole layer": (dict(cuda_graph_impl="local", cuda_graph_scope=None, cuda_graph_modules=[]), {"full"}),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_SCOPES))
+def test_cuda_graphs_over_the_router_are_accepted(name):
+    from megatron_moe_lossfree.megatron import dropin
+
+    fields, regions = GRAPH_SCOPES[name]
+    config = megatron(moe_router_enable_expert_bias=True, **fields)
+    assert dropin._graph_scopes(config) == regions
+    assert dropin.graph_captures_router(config)
+    assert resolve_lossfree(config).balancing == "bias"
+    config.moe_router_enable_expert_bias = False
+    assert resolve_lossfree(config, LossFreeConfig(update_rule="quantile")).update_rule == "quantile"
 
 
 def test_padded_tokens_are_routed_but_never_counted(megatron_world):

@@ -29,7 +29,10 @@ TE_MISSING = "needs Transformer Engine: pip install 'megatron_moe_lossfree[te]'"
 def expected_plan(have_te: bool):
     return [
         ("card", ["py", "benchmarks/gpu_check.py", "--card"], 45, None),
-        ("gpu-tests", ["py", "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu"], 90, None),
+        ("gpu-tests", ["py", "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu",
+                       "--ignore=tests/gpu/test_cuda_graph_router.py"], 70, None),
+        ("router-graph", ["py", "-m", "pytest", "-q", "-rs", "-s", "-m", "gpu", "tests/gpu/test_cuda_graph_router.py"],
+         25, None),
         ("train-bf16", PRETRAIN + ["--transformer-impl", "transformer_engine" if have_te else "local",
                                    "--out", "runs/gpu_check/train-bf16"], 75, None),
         ("train-bf16-native", PRETRAIN + ["--transformer-impl", "transformer_engine" if have_te else "local",
@@ -62,14 +65,14 @@ def test_dry_run_prints_the_plan_and_never_imports_torch():
     assert proc.returncode == 0, proc.stderr
     have_te = importlib.util.find_spec("transformer_engine") is not None
     lines = proc.stdout.splitlines()
-    assert lines[0] == (f"gpu-check plan: 7 stages, total budget 480 s (stage timeouts sum to 475 s); "
+    assert lines[0] == (f"gpu-check plan: 8 stages, total budget 480 s (stage timeouts sum to 455 s); "
                         f"run from {ROOT}")
     import shlex
 
-    for line, (name, command, timeout, skip) in zip(lines[1:8], expected_plan(have_te)):
+    for line, (name, command, timeout, skip) in zip(lines[1:9], expected_plan(have_te)):
         command = shlex.join([sys.executable if c == "py" else c for c in command])
         assert line == f"{name} (timeout {timeout} s): {command}" + (f"  [skipped here: {skip}]" if skip else "")
-    assert lines[8:] == ["torch imported: False"]
+    assert lines[9:] == ["torch imported: False"]
 
 
 def test_training_stages_are_valid_mlf_pretrain_commands(monkeypatch):

@@ -73,7 +73,7 @@ def _stub_trainer(counts, micro, biases, layer_numbers, num_layers=6, aux=None, 
 
     from megatron_moe_lossfree.config import LossFreeConfig
 
-    routers = [SimpleNamespace(layer_number=n, expert_bias=b, last_aux_losses=aux or {})
+    routers = [SimpleNamespace(layer_number=n, expert_bias=b, last_aux_losses=aux or {}, metric_layer_number=lambda n=n: n)
                for n, b in zip(layer_numbers, biases)]
     balancer = SimpleNamespace(routers=routers, last_counts=counts, last_micro_batch_counts=micro, group=None,
                                last_bias_motion=motion)

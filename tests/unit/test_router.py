@@ -267,7 +267,7 @@ def test_losses_are_off_in_eval(megatron_world):
     router = make_router(megatron_world, lossfree=LossFreeConfig(aux_loss_coeff=1e-2))
     router.eval()
     router(torch.randn(2, 2, H))
-    assert router.last_aux_losses == {}
+    assert {name: float(v) for name, v in router.last_aux_losses.items()} == {"aux_loss": 0.0}  # never written
     assert int(router.eval_tokens_per_expert.sum()) == 4 * K and int(router.local_tokens_per_expert.sum()) == 0
 
 
