@@ -91,7 +91,7 @@ def plan(python: str, *, have_te: bool) -> list[Stage]:
     pretrain = (python, "-m", "megatron_moe_lossfree", "pretrain", *TRAIN_ARGS)
     te = ("--transformer-impl", "transformer_engine") if have_te else ("--transformer-impl", "local")
     return [
-        Stage("card", (python, "benchmarks/gpu_check.py", "--card"), 45),
+        Stage("card", (python, "benchmarks/gpu_check.py", "--card"), 40),
         Stage("gpu-tests", (python, "-m", "pytest", "-q", "-rs", "-m", "gpu or fp8", "tests/gpu",
                             f"--ignore={ROUTER_GRAPH_TEST}"), 70),
         Stage("router-graph", (python, "-m", "pytest", "-q", "-rs", "-s", "-m", "gpu", ROUTER_GRAPH_TEST), 25),

@@ -77,7 +77,8 @@ def route(router, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = N
     if counting and any((cfg.aux_loss_coeff, cfg.seq_aux_loss_coeff, cfg.device_loss_coeff, cfg.comm_loss_coeff)):
         scores_TE = routing.compute_scores(logits_TE, router.score_function)  # with grad: the losses need it
         probs_TE = router.apply_balance_losses(probs_TE, scores_TE, out.experts_TK, num_sequences=batch, pad_T=pad_T)
-    router.last_selection = (out.gates_TK, out.experts_TK)
+    if router.keep_selection:  # tests only: no Python state changes per call otherwise (CUDA graphs)
+        router.last_selection = (out.gates_TK, out.experts_TK)
     capacity = dropin.megatron_capacity(router.config)
     if capacity is not None:  # Megatron's own expert capacity, after the counts (REFERENCE 9)
         probs_TE, routing_map_TE = apply_router_token_dropping(

@@ -26,8 +26,8 @@ REFUSAL_CASES = [  # (Megatron fields, plugin options)
     (dict(moe_router_load_balancing_type="softmax_loss"), None),
     (dict(moe_router_fusion=True), None),  # on a machine without CUDA
     (dict(moe_router_fusion=True, moe_router_dtype="fp64"), None),
-    (dict(mtp_num_layers=1), None),
-    (dict(cuda_graph_impl="transformer_engine", cuda_graph_scope=["moe_router"]), None),
+    (dict(cuda_graph_impl="local", cuda_graph_scope="full_iteration"), None),
+    (dict(cuda_graph_impl="local", cuda_graph_scope="moe_router"), LossFreeConfig(drop="expert", capacity_factor=1.5)),
     (dict(transformer_impl="inference_optimized"), None),
     (dict(num_moe_experts=16, moe_router_topk=4, moe_router_num_groups=8, moe_router_group_topk=5), None),
     (dict(num_moe_experts=16, moe_router_topk=4, moe_router_num_groups=16, moe_router_group_topk=2), None),

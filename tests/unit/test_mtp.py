@@ -35,6 +35,13 @@ def test_mtp_routers_are_the_plugins_and_join_the_one_update(megatron_world):
     balancer = BiasBalancer([model], routers[0].lossfree, topk=K)
     tokens = torch.randint(0, 64, (2, 16))
     position = torch.arange(16).expand(2, 16)
+    from megatron.core.transformer.moe import moe_utils
+
+    # Megatron's loss tracker is process-global: an earlier test sized its entries for fewer layers.
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # 0.19
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
     model(tokens, position, attention_mask=None, labels=tokens, loss_mask=torch.ones(2, 16)).float().mean().backward()
     assert [int(r.local_tokens_per_expert.sum()) for r in routers] == [2 * 16 * K] * 4
     assert all(float(r.last_aux_losses["seq_aux_loss"]) > 0 for r in routers)  # MTP losses attached too
