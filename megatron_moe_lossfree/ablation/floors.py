@@ -276,12 +276,12 @@ def floor_tokens(args: argparse.Namespace) -> dict[str, int]:
     """Tokens each MaxVio counts over: the global batch (MaxVio_batch), one micro-batch per EP group
     (MaxVio_computation-batch, LFB 5.1: micro-batch size x EP-DP size) and the final evaluation
     (MaxVio_global: ``--final-eval-iters`` global batches, else ``--eval-iters``; 0 without evaluation)."""
-    final = getattr(args, "final_eval_iters", None)
-    eval_iters = args.eval_iters if final is None or not args.eval_iters else final
+    from megatron_moe_lossfree.training.arguments import final_eval_iters
+
     per_sequence = args.seq_length
     return {"batch": args.global_batch_size * per_sequence,
             "compute": args.micro_batch_size * per_sequence * args.expert_model_parallel_size,
-            "global": eval_iters * args.global_batch_size * per_sequence}
+            "global": final_eval_iters(args) * args.global_batch_size * per_sequence}
 
 
 @functools.lru_cache(maxsize=None)

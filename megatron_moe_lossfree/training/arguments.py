@@ -142,6 +142,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def final_eval_iters(args: argparse.Namespace) -> int:
+    """Global batches of the evaluation after the last step: ``--final-eval-iters``, else ``--eval-iters``;
+    0 without evaluation (``--eval-iters 0``). Arguments parsed before the flag existed read ``--eval-iters``."""
+    if not args.eval_iters:
+        return 0
+    final = getattr(args, "final_eval_iters", None)
+    return args.eval_iters if final is None else final
+
+
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived values (said in the help) and validate; raises one error listing every problem."""
     if args.ffn_hidden_size is None:

@@ -3,8 +3,8 @@
 - ``Tokenizer``: a byte-level BPE (HuggingFace ``tokenizers``), trained offline or loaded from a
   ``tokenizer.json``; nothing is downloaded. It exposes what Megatron's dataset stack reads
   (``vocab_size``, ``eod``, ``pad``) plus ``tokenize``/``detokenize``.
-- ``prepare_indexed_dataset``: text/jsonl files -> ``PREFIX.bin``/``PREFIX.idx`` via Megatron-Core's
-  ``IndexedDatasetBuilder`` (one document per file or per jsonl line, EOD appended).
+- ``read_texts`` (a text file is one document, a jsonl line is one) and ``prepare_indexed_dataset``:
+  documents -> ``PREFIX.bin``/``PREFIX.idx`` via Megatron-Core's ``IndexedDatasetBuilder`` (EOD appended).
 - ``embedded_corpus_documents``: the default corpus every machine has, the Python standard library's own
   sources and its docs (``pydoc_data``'s topics), cut into blocks of lines and shuffled with a fixed seed so
   that Megatron's contiguous train/valid/test document ranges are random samples of one mixture of code
@@ -78,9 +78,8 @@ class Tokenizer:
         return self._tok.decode(list(ids))
 
 
-def train_tokenizer(files: Sequence[str], vocab_size: int, out_path: str,
-                    documents: Optional[Sequence[str]] = None) -> Tokenizer:
-    """Train a byte-level BPE on ``files`` (or on the texts ``documents``) and write it to ``out_path``.
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer:
+    """Train a byte-level BPE on the documents ``texts`` and write it to ``out_path`` (tokenizer.json).
 
     256 byte symbols plus the EOD token make the smallest vocabulary, 257 (byte-level, no merges)."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -91,7 +90,6 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_path: str,
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = documents if documents is not None else (text for _, text in _read_documents(files))
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tok.save(out_path)
@@ -119,10 +117,14 @@ def _read_documents(files: Sequence[str], jsonl_key: str = "text") -> Iterator[t
             yield path, pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
 
 
-def prepare_indexed_dataset(files: Sequence[str], tokenizer: Tokenizer, output_prefix: str,
-                            jsonl_key: str = "text", batch: int = 256,
-                            documents: Optional[Sequence[str]] = None) -> int:
-    """Tokenize ``files`` (or the texts ``documents``, in their order) into a Megatron indexed dataset at
+def read_texts(files: Sequence[str], jsonl_key: str = "text") -> list[str]:
+    """The documents of ``files`` in order: a whole .txt/.py/... file is one, a .jsonl line is one."""
+    return [text for _, text in _read_documents(files, jsonl_key)]
+
+
+def prepare_indexed_dataset(texts: Sequence[str], tokenizer: Tokenizer, output_prefix: str,
+                            batch: int = 256) -> int:
+    """Tokenize the documents ``texts``, in their order, into a Megatron indexed dataset at
     ``output_prefix``; returns the token count."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -130,7 +132,7 @@ def prepare_indexed_dataset(files: Sequence[str], tokenizer: Tokenizer, output_p
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=dtype)
     total = 0
-    docs = list(documents) if documents is not None else [text for _, text in _read_documents(files, jsonl_key)]
+    docs = list(texts)
     for start in range(0, len(docs), batch):
         for ids in tokenizer.tokenize_batch(docs[start:start + batch]):
             ids = ids + [tokenizer.eod]
@@ -226,8 +228,8 @@ def embedded_dataset(cache_dir: str, vocab_size: int) -> tuple[str, str]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(tokenizer_path):
             docs = embedded_corpus_documents()
-            tokenizer = train_tokenizer([], vocab_size, tokenizer_path + ".tmp", documents=docs)
-            prepare_indexed_dataset([], tokenizer, prefix, documents=docs)
+            tokenizer = train_tokenizer(docs, vocab_size, tokenizer_path + ".tmp")
+            prepare_indexed_dataset(docs, tokenizer, prefix)
             os.replace(tokenizer_path + ".tmp", tokenizer_path)  # last: its presence marks a finished build
     return prefix, tokenizer_path
 

@@ -55,12 +55,12 @@ def main(argv=None) -> None:
     if args.max_doc_chars is not None and args.max_doc_chars < 1:
         raise LossFreeConfigError(f"--max-doc-chars ({args.max_doc_chars}) must be >= 1: a block length in "
                                   f"characters, e.g. 4096, or leave it unset to keep documents whole")
-    docs = data.shuffle_and_cut([text for _, text in data._read_documents(args.input, args.json_key)],
+    docs = data.shuffle_and_cut(data.read_texts(args.input, args.json_key),
                                 seed=args.shuffle_seed, max_chars=args.max_doc_chars)
     if args.train_tokenizer:
-        tokenizer = data.train_tokenizer([], args.vocab_size, args.train_tokenizer, documents=docs)
+        tokenizer = data.train_tokenizer(docs, args.vocab_size, args.train_tokenizer)
     else:
         tokenizer = data.Tokenizer(args.tokenizer_model)
-    total = data.prepare_indexed_dataset([], tokenizer, args.output_prefix, documents=docs)
+    total = data.prepare_indexed_dataset(docs, tokenizer, args.output_prefix)
     print(f"wrote {len(docs)} documents, {total} tokens to {args.output_prefix}.bin/.idx "
           f"(vocabulary {tokenizer.vocab_size})")

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_moe_lossfree.errors import LossFreeConfigError
+from megatron_moe_lossfree.training.arguments import final_eval_iters
 
 
 def free_port() -> int:
@@ -383,12 +384,6 @@ def train(trainer: Trainer) -> dict:
         save_checkpoint(a.save, trainer.step, trainer.model, trainer.optimizer, trainer.scheduler,
                         plugin_state(trainer))
     return summary
-
-
-def final_eval_iters(args: argparse.Namespace) -> int:
-    """Global batches of the evaluation after the last step: ``--final-eval-iters``, else ``--eval-iters``."""
-    final = getattr(args, "final_eval_iters", None)
-    return args.eval_iters if final is None else final
 
 
 def write_valid_routing(trainer: Trainer) -> None:

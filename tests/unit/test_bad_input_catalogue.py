@@ -149,8 +149,8 @@ def data_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("catalogue")
     text = root / "t.txt"
     text.write_text("def f(x):\n    return x + 1\n" * 50)
-    tok = data.train_tokenizer([str(text)], 300, str(root / "tok.json"))
-    data.prepare_indexed_dataset([str(text)], tok, str(root / "good"))
+    tok = data.train_tokenizer(data.read_texts([str(text)]), 300, str(root / "tok.json"))
+    data.prepare_indexed_dataset(data.read_texts([str(text)]), tok, str(root / "good"))
     (root / "bad.bin").write_bytes(b"\x00" * 10)
     (root / "bad.idx").write_bytes(b"not an index")
     import torch

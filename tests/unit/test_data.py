@@ -20,8 +20,8 @@ def test_prepare_round_trip(tmp_path):
     txt.write_text(TEXTS[0])
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[1:]) + "\n")
-    tok = data.train_tokenizer([str(txt), str(jsonl)], 300, str(tmp_path / "tok.json"))
-    total = data.prepare_indexed_dataset([str(txt), str(jsonl)], tok, str(tmp_path / "ds"))
+    tok = data.train_tokenizer(data.read_texts([str(txt), str(jsonl)]), 300, str(tmp_path / "tok.json"))
+    total = data.prepare_indexed_dataset(data.read_texts([str(txt), str(jsonl)]), tok, str(tmp_path / "ds"))
     expected = [tok.tokenize(t) + [tok.eod] for t in TEXTS]
     ds = IndexedDataset(str(tmp_path / "ds"))
     assert len(ds) == 3
@@ -126,7 +126,7 @@ def test_embedded_corpus_v2_is_deterministic_blocks_of_the_sources():
 
 def test_embedded_dataset_cache_key_names_the_version(tmp_path, monkeypatch):
     made = []
-    monkeypatch.setattr(data, "train_tokenizer", lambda files, v, path, documents=None: made.append(path))
+    monkeypatch.setattr(data, "train_tokenizer", lambda texts, v, path: made.append(path))
     monkeypatch.setattr(data, "prepare_indexed_dataset", lambda *a, **k: 0)
     monkeypatch.setattr(data.os, "replace", lambda a, b: None)
     data.embedded_dataset(str(tmp_path), 257)
@@ -178,7 +178,7 @@ def test_embedded_dataset_is_built_once_when_jobs_start_together(tmp_path, monke
 
     builds = []
 
-    def fake_train(files, vocab, path, documents=None):
+    def fake_train(texts, vocab, path):
         builds.append(path)
         time.sleep(0.3)
         pathlib.Path(path).write_text("{}")
