@@ -76,13 +76,15 @@ def ratio_line(suite: Suite, results: dict[str, list[dict]]) -> Optional[str]:
         return None
     top, bottom, paper = suite.ratio
 
-    def by_seed(arm):
-        return {r["seed"]: _finite(r.get("maxvio_global")) for r in results.get(arm, []) if "seed" in r}
-
-    a, b = by_seed(top), by_seed(bottom)
-    ratios = [a[s] / b[s] for s in sorted(a.keys() & b.keys()) if a[s] is not None and b[s]]
+    a, b = (_by_seed(results.get(arm, []), "maxvio_global") for arm in (top, bottom))
+    ratios = [a[s] / b[s] for s in sorted(a.keys() & b.keys()) if b[s]]
     ours = format_spread(spread(ratios), ".1f") + "x" if ratios else "n/a"
     return f"- MaxVio_global of {top} / {bottom}, seed by seed: ours {ours}; paper {paper}"
+
+
+def _by_seed(rows: Sequence[dict], key: str) -> dict:
+    """{seed: finite value of ``key``} of per-run dicts (runs without a seed or the value left out)."""
+    return {r["seed"]: _finite(r.get(key)) for r in rows if "seed" in r and _finite(r.get(key)) is not None}
 
 
 def _finite(value) -> Optional[float]:
@@ -225,10 +227,7 @@ class Paired:
 def paired(ours: Sequence[dict], ref: Sequence[dict], key: str) -> Optional[Paired]:
     """The paired difference of metric ``key`` between two arms' per-run dicts (matched on ``seed``);
     None when no seed has the metric in both."""
-    def by_seed(rows):
-        return {r["seed"]: _finite(r.get(key)) for r in rows if "seed" in r and _finite(r.get(key)) is not None}
-
-    a, b = by_seed(ours), by_seed(ref)
+    a, b = _by_seed(ours, key), _by_seed(ref, key)
     seeds = sorted(a.keys() & b.keys())
     if not seeds:
         return None
