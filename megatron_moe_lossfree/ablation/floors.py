@@ -204,7 +204,8 @@ def _adjacent_order_statistics_E(values_ET: torch.Tensor, c: int) -> tuple[torch
     instead of a full sort: 3x faster at the final evaluation's 262K tokens, the same numbers bit for bit."""
     num_tokens = values_ET.shape[1]
     if c < 1:
-        return values_ET.min(dim=1).values - 1.0, values_ET.min(dim=1).values
+        lowest_E = values_ET.min(dim=1).values
+        return lowest_E - 1.0, lowest_E
     below_E = torch.kthvalue(values_ET, c, dim=1).values
     if c >= num_tokens:
         return below_E, values_ET.max(dim=1).values + 1.0
