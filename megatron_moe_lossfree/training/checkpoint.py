@@ -44,6 +44,22 @@ def _barrier():
         dist.barrier()
 
 
+def sharded_metadata() -> dict:
+    """The metadata Megatron-LM's own checkpointing passes to ``sharded_state_dict``
+    (``_build_sharded_state_dict_metadata``) that megatron-core reads: the data-parallel group with
+    context parallelism. megatron-core 0.16's GPTModel needs it on an MTP stage that does not hold the
+    embedding (PP > 1: the MTP layers sit on the last stage and tie a copy of the embedding)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return {}
+    return {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+
+
+def _model_sharded_state_dict(model):
+    return unwrap(model).sharded_state_dict(metadata=sharded_metadata())
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
     """Save model, optimizer, scheduler and ``extra`` (plugin state) for ``iteration``; returns the dir."""
     from megatron.core import dist_checkpointing
@@ -56,7 +72,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    model_sd = unwrap(model).sharded_state_dict()
+    model_sd = _model_sharded_state_dict(model)
     state = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd),
@@ -138,7 +154,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: Optional[
         return None
     path = checkpoint_dir(root, iteration)
     verify_checkpoint(path)
-    model_sd = unwrap(model).sharded_state_dict()
+    model_sd = _model_sharded_state_dict(model)
     template = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True)}
     try:
         state = dist_checkpointing.load(template, path)

@@ -68,11 +68,11 @@ def _diff_against_checkpoint(trainer, path: str) -> dict:
     """Max |this rank's tensor - the checkpoint's matching shard| for every local state-dict tensor."""
     from megatron.core import dist_checkpointing
 
-    from megatron_moe_lossfree.training.checkpoint import unwrap
+    from megatron_moe_lossfree.training.checkpoint import sharded_metadata, unwrap
 
     module = unwrap(trainer.model)
     mine = {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
-    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
+    loaded = dist_checkpointing.load({"model": module.sharded_state_dict(metadata=sharded_metadata())}, path)["model"]
     diffs = {}
     for key, value in mine.items():
         other = loaded[key]
@@ -113,10 +113,10 @@ def _load_weights(trainer, path: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_moe_lossfree.training.checkpoint import unwrap
+    from megatron_moe_lossfree.training.checkpoint import sharded_metadata, unwrap
 
     module = unwrap(trainer.model)
-    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)["model"]
+    state = dist_checkpointing.load({"model": module.sharded_state_dict(metadata=sharded_metadata())}, path)["model"]
     module.load_state_dict(state, strict=True)
 
 

@@ -17,7 +17,9 @@ The flags make the resumed part depend on each piece of restored state:
   restarted its step or data position would drop other tokens and change counts and loss;
 - the drop fraction is logged at steps 1, 3 and 4 only, so the window of step 3 spans the save at step 2:
   the resumed job's must include step 2's drops, carried in the checkpoint (``plugin_state``);
-- Adam, the learning-rate schedule and the data position come back through Megatron's own state.
+- Adam, the learning-rate schedule and the data position come back through Megatron's own state;
+- with MTP at PP 2 (the MTP layer on the last stage, with its own router and a tied copy of the
+  embedding), the MTP router's counts and bias are among the compared ones.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ COMMON = ["--train-iters", str(STEPS), "--lossfree-rate-schedule", "v3",
 RESUME_LAYOUTS = {
     "ep2_device_drop": ["--expert-model-parallel-size", "2", "--lossfree-drop", "device"],
     "pp2_expert_drop": ["--pipeline-model-parallel-size", "2", "--lossfree-drop", "expert"],
+    # MTP on the last stage: its router's bias, its copy of the embedding and Adam's state come back too
+    "pp2_mtp_expert_drop": ["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1",
+                            "--lossfree-drop", "expert"],
 }
 
 

@@ -1,4 +1,5 @@
-"""A resumed job continues exactly at EP 2 (device-level dropping) and PP 2 (expert-level dropping).
+"""A resumed job continues exactly at EP 2 (device-level dropping), PP 2 (expert-level dropping) and PP 2 with
+an MTP layer on the last stage.
 
 See ``resume_cases`` for what each rank runs and why those flags. Both layouts run in one 2-rank launch.
 Same layout, same reduction order: the resumed steps must equal the uninterrupted ones bit for bit --
@@ -49,6 +50,9 @@ def test_resumed_run_equals_uninterrupted_run(launch, name):
         for before, after in zip(full, full[1:]):
             moved = before["expert_bias"] != after["expert_bias"]
             assert moved == (after["step"] < steps), f"step {after['step']}: bias moved={moved}"
+    # The MTP layer (layer number 5, after the 4 decoder layers) was among the compared routers, on the last stage.
+    mtp_layers = [{int(n) for n in r["resumed"][-1]["expert_bias"]} for r in launch.results["pp2_mtp_expert_drop"]]
+    assert mtp_layers == [{2}, {3, 4, 5}], mtp_layers
     # The losses are real numbers on the last stage, the same on every rank that has them.
     losses = [r["loss"] for result in per_rank for r in result["resumed"] if r["loss"] is not None]
     assert losses and all(0 < x < 20 for x in losses)
