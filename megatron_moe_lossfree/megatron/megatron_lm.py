@@ -8,7 +8,12 @@ Megatron-LM main (verified at the commit in docs/megatron_lm.md) builds the mode
    ``--spec megatron_moe_lossfree.megatron.megatron_lm lossfree_gpt_layer_spec`` puts
    ``lossfree_gpt_layer_spec`` there (Megatron-LM calls it; it does NOT call a ``--spec`` function with
    ``num_experts``, so ``specs.get_lossfree_layer_local_spec`` is not a ``--spec`` target on main);
-3. bias update: ``GPTModelConfig.post_wrap_hooks`` run after DDP wrapping, before ``train()``; our hook
+3. MTP layers: Megatron-LM's builders (``GPTModelBuilder``'s ``mtp_block_spec``, ``gpt_builders.py``) make
+   them from Megatron's DEFAULT decoder layer spec, not from ``--spec``, so they would hold Megatron's
+   router, whose bias the plugin (its one owner) never moves. A ``GPTModelConfig.pre_wrap_hooks`` entry
+   (``UseLossFreeMTPLayers``) rebuilds each chunk's MTP block from that same default spec with the
+   plugin's classes, before DDP wrapping, keeping every tensor Megatron built and the RNG states;
+4. bias update: ``GPTModelConfig.post_wrap_hooks`` run after DDP wrapping, before ``train()``; our hook
    installs the ``BiasBalancer`` as ``config.finalize_model_grads_func``, which ``train()`` keeps
    ("only default it when unset", training.py), and the logger that writes the plugin's metrics to
    Megatron-LM's TensorBoard / W&B writers (``lm_logging.py``).
@@ -20,7 +25,10 @@ subclass would be lost).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
+
+import torch
 
 from megatron_moe_lossfree.config import LossFreeConfig
 
@@ -47,12 +55,116 @@ class InstallBalancerHook:
         from megatron_moe_lossfree.megatron.balancer import install_bias_balancer
         from megatron_moe_lossfree.megatron.lm_logging import install_megatron_lm_logger
 
+        refuse_megatron_routers(model_chunks)
         config = get_model_config(model_chunks[0])  # the object train() reads finalize_model_grads_func from
         self.balancer = install_bias_balancer(config, model_chunks, self.lossfree)
         self.balancer.progress_source = megatron_lm_progress
         # The plugin's metrics in Megatron-LM's TensorBoard / W&B logs, at its --log-interval (lm_logging.py).
         self.logger = install_megatron_lm_logger(self.balancer, model_chunks, config)
         return model_chunks
+
+
+@contextlib.contextmanager
+def _rng_states_kept():
+    """Building a module draws initial weights: restore torch's CPU and CUDA generators and Megatron's
+    model-parallel RNG tracker afterwards, so what runs next draws what it would have drawn."""
+    from megatron.core import tensor_parallel
+
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracked = {name: state.clone() for name, state in tracker.get_states().items()}
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        tracker.set_states(tracked)
+
+
+def lossfree_mtp_block_spec(config, vp_stage: Optional[int] = None):
+    """What Megatron-LM's builders give an MTP block (the last of Megatron's default decoder layer specs,
+    with the config's normalization and qk_l2_norm), with the plugin's router and MoE layer in it."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs, get_gpt_mtp_block_spec
+
+    from megatron_moe_lossfree.megatron import specs
+
+    use_te = config.transformer_impl == "transformer_engine"
+    last = get_gpt_decoder_layer_specs(config, use_transformer_engine=use_te, normalization=config.normalization,
+                                       qk_l2_norm=getattr(config, "qk_l2_norm", False), vp_stage=vp_stage)[-1]
+    return get_gpt_mtp_block_spec(config, specs.replace_in_layer_specs([last])[0], use_transformer_engine=use_te,
+                                  vp_stage=vp_stage)
+
+
+def use_lossfree_mtp_layers(model) -> bool:
+    """Rebuild ``model.mtp`` with the plugin's router and MoE layer when it holds Megatron's (see the module
+    docstring, item 3); True when it did. Every tensor of the built block is copied into the new one, which
+    must have exactly the same names and shapes (plus the plugin's own buffers), else the block came from
+    another spec and this refuses it by name."""
+    import inspect
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlock
+
+    from megatron_moe_lossfree.errors import LossFreeConfigError
+    from megatron_moe_lossfree.megatron.specs import plugin_classes
+
+    mtp = getattr(model, "mtp", None)
+    ours = plugin_classes()["layer"]
+    if mtp is None or not any(isinstance(m, MoELayer) and not isinstance(m, ours) for m in mtp.modules()):
+        return False
+    config, vp_stage = model.config, getattr(model, "vp_stage", None)
+    spec = lossfree_mtp_block_spec(config, vp_stage)
+    kwargs = dict(config=config, spec=spec, vp_stage=vp_stage)
+    if "pg_collection" in inspect.signature(MultiTokenPredictionBlock.__init__).parameters:
+        kwargs["pg_collection"] = getattr(model, "pg_collection", None)
+    with _rng_states_kept():
+        new = MultiTokenPredictionBlock(**kwargs)
+    built, fresh = mtp.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
+    unmatched = sorted(k for k, v in built.items() if isinstance(v, torch.Tensor) and
+                       (k not in fresh or fresh[k].shape != v.shape))
+    if unmatched:
+        raise LossFreeConfigError(
+            f"--mtp-num-layers ({config.mtp_num_layers}): this MTP block was not built from Megatron's default "
+            f"decoder layer spec ({unmatched[0]} has no counterpart), so the plugin cannot give it its router: "
+            f"build the model with the plugin's spec (specs.get_lossfree_mtp_block_spec) or without the plugin")
+    with torch.no_grad():
+        for key, value in built.items():
+            if isinstance(value, torch.Tensor):
+                fresh[key].copy_(value)
+    model.mtp = new
+    if hasattr(model, "mtp_block_spec"):
+        model.mtp_block_spec = spec
+    return True
+
+
+class UseLossFreeMTPLayers:
+    """A ``pre_wrap_hooks`` entry: ``use_lossfree_mtp_layers`` on every model chunk."""
+
+    def __call__(self, model_chunks):
+        for chunk in model_chunks:
+            use_lossfree_mtp_layers(chunk)
+        return model_chunks
+
+
+def refuse_megatron_routers(model_chunks) -> None:
+    """With the plugin on, every router is the plugin's: a Megatron ``TopKRouter`` left in the model (a
+    builder that ignored ``--spec``) would route on a bias that nobody moves, since the plugin owns the
+    bias update. Refused by module name."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_moe_lossfree.errors import LossFreeConfigError
+    from megatron_moe_lossfree.megatron.specs import plugin_classes
+
+    ours = plugin_classes()["router"]
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            if isinstance(module, TopKRouter) and not isinstance(module, ours):
+                raise LossFreeConfigError(
+                    f"--spec lossfree_gpt_layer_spec: {name} is Megatron's {type(module).__name__}, built from "
+                    f"another spec, and the plugin (the one owner of expert_bias) would never update it: build "
+                    f"every MoE layer from the plugin's spec, or run without the plugin")
 
 
 def megatron_lm_progress() -> tuple[int, int]:
@@ -75,6 +187,8 @@ def attach_lossfree(model_config, lossfree: LossFreeConfig) -> None:
     transformer.lossfree = lossfree
     hooks = model_config.post_wrap_hooks
     hooks[:] = [h for h in hooks if not isinstance(h, InstallBalancerHook)] + [InstallBalancerHook(lossfree)]
+    pre = model_config.pre_wrap_hooks
+    pre[:] = [h for h in pre if not isinstance(h, UseLossFreeMTPLayers)] + [UseLossFreeMTPLayers()]
 
 
 def lossfree_config_from_megatron_args() -> LossFreeConfig:

@@ -7,14 +7,14 @@ import types
 import pytest
 
 from megatron_moe_lossfree.config import LossFreeConfig
-from megatron_moe_lossfree.megatron.megatron_lm import InstallBalancerHook, attach_lossfree
+from megatron_moe_lossfree.megatron.megatron_lm import InstallBalancerHook, UseLossFreeMTPLayers, attach_lossfree
 
 
 def model_config(**transformer):
     """The two attributes of Megatron-LM's GPTModelConfig that attach_lossfree uses."""
     defaults = dict(moe_router_enable_expert_bias=False)
     return types.SimpleNamespace(transformer=types.SimpleNamespace(**dict(defaults, **transformer)),
-                                 post_wrap_hooks=[print])
+                                 pre_wrap_hooks=[print], post_wrap_hooks=[print])
 
 
 def test_attach_sets_options_and_keeps_one_hook_after_the_others():
@@ -26,6 +26,8 @@ def test_attach_sets_options_and_keeps_one_hook_after_the_others():
     assert config.post_wrap_hooks[0] is print
     hooks = config.post_wrap_hooks[1:]
     assert len(hooks) == 1 and isinstance(hooks[0], InstallBalancerHook) and hooks[0].lossfree is second
+    assert config.pre_wrap_hooks[0] is print
+    assert [type(h) for h in config.pre_wrap_hooks[1:]] == [UseLossFreeMTPLayers]
 
 
 def test_megatron_expert_bias_is_mapped_onto_the_plugin_balancer():
@@ -113,3 +115,73 @@ def test_dump_loads_is_refused_under_megatron_lm_in_one_line(megatron_lm_args):
         lossfree_config_from_megatron_args()
     assert str(info.value) == ("--lossfree-dump-loads (True) is written by mlf-pretrain only (it needs its --out): "
                                "under Megatron-LM drop it")
+
+
+def test_mtp_layers_from_megatrons_default_spec_get_the_plugins_router_and_keep_every_tensor(megatron_world):
+    """Megatron-LM builds the MTP block from Megatron's default decoder layer spec whatever ``--spec`` says
+    (GPTModelBuilder's mtp_block_spec): the pre-wrap hook gives it the plugin's router and MoE layer, keeps
+    every tensor and the RNG state, and the model then trains exactly as Megatron's own (bias 0, Megatron's
+    flags: the drop-in contract): the same loss and the same gradient of every parameter."""
+    import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_moe_lossfree.errors import LossFreeConfigError
+    from megatron_moe_lossfree.megatron.megatron_lm import refuse_megatron_routers, use_lossfree_mtp_layers
+    from megatron_moe_lossfree.megatron.router import LossFreeRouter
+    from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec
+    from tests.unit.test_router import make_config
+
+    config = make_config(mtp_num_layers=1, transformer_impl="local")
+    block = get_lossfree_block_spec(config)
+    last = get_gpt_decoder_layer_specs(config, use_transformer_engine=False, normalization=config.normalization)[-1]
+    megatrons_mtp = get_gpt_mtp_block_spec(config, last, use_transformer_engine=False)
+
+    def build():
+        torch.manual_seed(0)
+        return GPTModel(config=config, transformer_layer_spec=block, vocab_size=64, max_sequence_length=16,
+                        position_embedding_type="rope", mtp_block_spec=megatrons_mtp)
+
+    native, model = build(), build()
+    assert [type(m) for m in model.mtp.modules() if isinstance(m, TopKRouter)] == [TopKRouter]
+    # Without the pre-wrap hook, the balancer hook refuses Megatron's router by its module name.
+    with pytest.raises(LossFreeConfigError, match=r"^--spec lossfree_gpt_layer_spec: mtp\.layers\.0\..*mlp\.router "
+                                                  r"is Megatron's TopKRouter, built from another spec"):
+        refuse_megatron_routers([model])
+    rng = torch.get_rng_state()
+    assert use_lossfree_mtp_layers(model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [type(m) for m in model.mtp.modules() if isinstance(m, TopKRouter)] == [LossFreeRouter]
+    assert not use_lossfree_mtp_layers(model)  # already the plugin's: nothing to do
+    refuse_megatron_routers([model])
+    mine, megatrons = model.state_dict(), native.state_dict()
+    for key, value in megatrons.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(mine[key], value), key
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (native, model):
+        clear_megatrons_loss_trackers()
+        loss = m(tokens, torch.arange(16).expand(2, 16), attention_mask=None, labels=tokens).float().mean()
+        loss.backward()
+        losses.append(loss)
+    clear_megatrons_loss_trackers()  # process-global, sized by the first model that logs: leave them empty
+    assert torch.equal(losses[0], losses[1])
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name, param in native.named_parameters():
+        assert param.grad is not None and torch.equal(grads[name], param.grad), name
+
+
+def clear_megatrons_loss_trackers() -> None:
+    """Megatron's MoE and MTP loss trackers are process-global and sized by the first model that logs."""
+    from megatron.core.transformer import multi_token_prediction
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # 0.19
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    helper = getattr(multi_token_prediction, "MTPLossLoggingHelper", None)
+    if helper is not None and isinstance(getattr(helper, "tracker", None), dict):
+        helper.tracker.clear()
