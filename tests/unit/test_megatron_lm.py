@@ -131,6 +131,7 @@ def test_mtp_layers_from_megatrons_default_spec_get_the_plugins_router_and_keep_
     from megatron_moe_lossfree.megatron.megatron_lm import refuse_megatron_routers, use_lossfree_mtp_layers
     from megatron_moe_lossfree.megatron.router import LossFreeRouter
     from megatron_moe_lossfree.megatron.specs import get_lossfree_block_spec
+    from tests.unit.test_mtp import clear_megatrons_loss_trackers
     from tests.unit.test_router import make_config
 
     config = make_config(mtp_num_layers=1, transformer_impl="local")
@@ -172,16 +173,3 @@ def test_mtp_layers_from_megatrons_default_spec_get_the_plugins_router_and_keep_
     for name, param in native.named_parameters():
         assert param.grad is not None and torch.equal(grads[name], param.grad), name
 
-
-def clear_megatrons_loss_trackers() -> None:
-    """Megatron's MoE and MTP loss trackers are process-global and sized by the first model that logs."""
-    from megatron.core.transformer import multi_token_prediction
-    from megatron.core.transformer.moe import moe_utils
-
-    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # 0.19
-        moe_utils.get_moe_metrics_tracker().metrics.clear()
-    else:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
-    helper = getattr(multi_token_prediction, "MTPLossLoggingHelper", None)
-    if helper is not None and isinstance(getattr(helper, "tracker", None), dict):
-        helper.tracker.clear()

@@ -35,13 +35,8 @@ def test_mtp_routers_are_the_plugins_and_join_the_one_update(megatron_world):
     balancer = BiasBalancer([model], routers[0].lossfree, topk=K)
     tokens = torch.randint(0, 64, (2, 16))
     position = torch.arange(16).expand(2, 16)
-    from megatron.core.transformer.moe import moe_utils
-
-    # Megatron's loss tracker is process-global: an earlier test sized its entries for fewer layers.
-    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # 0.19
-        moe_utils.get_moe_metrics_tracker().metrics.clear()
-    else:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    # Megatron's loss trackers are process-global: an earlier test sized their entries for fewer layers.
+    clear_megatrons_loss_trackers()
     model(tokens, position, attention_mask=None, labels=tokens, loss_mask=torch.ones(2, 16)).float().mean().backward()
     assert [int(r.local_tokens_per_expert.sum()) for r in routers] == [2 * 16 * K] * 4
     assert all(float(r.last_aux_losses["seq_aux_loss"]) > 0 for r in routers)  # MTP losses attached too
@@ -69,3 +64,17 @@ def test_mtp_metrics_are_logged_apart(megatron_world):
     assert len(m["maxvio_batch_layers"]) == 2 and len(m["mtp_maxvio_batch_layers"]) == 1
     assert m["mtp_loads_layers"] == [balancer.last_counts[2].tolist()]
     assert len(m["mtp_bias_layers"]) == 1 and "mtp_maxvio_compute" in m
+
+
+def clear_megatrons_loss_trackers() -> None:
+    """Megatron's MoE and MTP loss trackers are process-global and sized by the first model that logs."""
+    from megatron.core.transformer import multi_token_prediction
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "get_moe_metrics_tracker"):  # 0.19
+        moe_utils.get_moe_metrics_tracker().metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    helper = getattr(multi_token_prediction, "MTPLossLoggingHelper", None)
+    if helper is not None and isinstance(getattr(helper, "tracker", None), dict):
+        helper.tracker.clear()
